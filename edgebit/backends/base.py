@@ -1,0 +1,44 @@
+"""The small interface every ternary kernel implements.
+
+A backend turns a `TernaryWeight` into a resident form once at load (`prepare`) and multiplies
+it by int8 activations (`matmul`). The product must be the exact integer dot product
+`T @ x_q`, returned as float32 (exact: |sum| < 2**24, spec §4.2). Scaling by the activation
+and weight scales is the model's job, not the backend's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import numpy as np
+
+from ..weights import TernaryWeight
+
+
+class Backend(ABC):
+    """A ternary matrix-multiplication kernel. Subclasses are registered as `edgebit.backends` entry points."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+
+    def __init__(self, threads: int | None = None) -> None:
+        self.threads = threads
+
+    @classmethod
+    def supported(cls) -> tuple[bool, str]:
+        """Whether this backend can run on this machine, and why not if it cannot."""
+        return True, ""
+
+    @classmethod
+    @abstractmethod
+    def resident_bytes(cls, shape: tuple[int, int]) -> int:
+        """Bytes the prepared form of an (M, K) ternary weight occupies in memory."""
+
+    @abstractmethod
+    def prepare(self, weight: TernaryWeight) -> Any:
+        """Build the resident form of a weight (called once per weight at load)."""
+
+    @abstractmethod
+    def matmul(self, prepared: Any, xq: np.ndarray) -> np.ndarray:
+        """Exact integer products: xq int8 (T, K) → float32 (T, M) holding `xq @ T.T`."""
