@@ -1,3 +1,38 @@
-"""edgebit: run BitNet b1.58 ternary language models on ordinary CPUs, in pure numpy."""
+"""edgebit: run BitNet b1.58 ternary language models on ordinary CPUs, in pure numpy.
+
+    >>> import edgebit
+    >>> model = edgebit.load("ggml-model-i2_s.gguf")
+    >>> model.generate(messages=[{"role": "user", "content": "Hello"}], max_tokens=32)
+"""
+
+from __future__ import annotations
+
+import os
 
 __version__ = "0.1.0"
+
+
+def load(path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
+         kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None):
+    """Open a BitNet GGUF file and prepare it for inference.
+
+    backend: a ternary kernel name (see `edgebit backends`); None picks one for this machine.
+    threads: CPU threads for the kernels (None: all cores).
+    kv_dtype: "float32" or "float16" (halves KV-cache memory).
+    numerics: "reference" (plain float32, the model's math) or "ggml" (bitnet.cpp's f16 roundings).
+    activation: override the FFN activation ("relu2" or "silu") for mislabelled files.
+    """
+    from .engine import Model
+
+    return Model(path, backend=backend, threads=threads, kv_dtype=kv_dtype, numerics=numerics,
+                 activation=activation)
+
+
+def load_tokenizer(path: str | os.PathLike[str]):
+    """The tokenizer of a GGUF file (model or vocab-only)."""
+    from .tokenizer import Tokenizer
+
+    return Tokenizer.from_gguf(path)
+
+
+__all__ = ["load", "load_tokenizer", "__version__"]

@@ -1,0 +1,134 @@
+"""Random BitNet models of a given shape, written as real GGUF files.
+
+For benchmarks (`edgebit bench --shape 2b4t` needs no 1.2 GB download) and for tests that need
+a model. The weights are random, so the text is meaningless, but every byte follows the real
+format: I2_S (or TQ1_0/TQ2_0) projections, an f16 tied embedding, f32 norms and a working
+byte-level BPE tokenizer with the LLaMA-3 special tokens.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from . import quants
+from .gguf_writer import GGUFWriter
+
+# Every byte whose four 2-bit fields are valid I2_S codes (0, 1 or 2; 3 never occurs).
+_VALID_I2S_BYTES = np.array([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], np.uint8)
+
+BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+
+
+@dataclass(frozen=True)
+class Shape:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx: int
+    rope_base: float
+
+
+SHAPES = {
+    "2b4t": Shape(128256, 2560, 30, 20, 5, 6912, 4096, 500000.0),
+    "large": Shape(32002, 1536, 24, 16, 16, 4096, 2048, 10000.0),
+    "small": Shape(8192, 512, 4, 8, 2, 1536, 1024, 500000.0),
+    "tiny": Shape(512, 256, 2, 4, 2, 512, 256, 10000.0),
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte → printable code point table (spec §5.1)."""
+    printable = list(range(0x21, 0x7F)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(0x100 + extra)
+            extra += 1
+    return table
+
+
+def byte_vocab(n_vocab: int) -> tuple[list[str], np.ndarray]:
+    """A byte-level BPE vocabulary: 256 byte tokens, then the special tokens (as CONTROL) up to n_vocab."""
+    if n_vocab < 259:
+        raise ValueError("a byte-level vocabulary needs at least 259 tokens")
+    table = _bytes_to_unicode()
+    tokens = [table[b] for b in range(256)]
+    specials = [BOS, EOS] + [f"<|reserved_special_token_{i}|>" for i in range(n_vocab - 259)] + [EOT]
+    if n_vocab >= 128256:  # keep the LLaMA-3 ids (BOS 128000, EOS 128001, EOT 128009)
+        n_plain = 128000 - 256
+        tokens += [f"<pad_{i}>" for i in range(n_plain)]
+        specials = [BOS, EOS] + [f"<|reserved_special_token_{i}|>" for i in range(7)] + [EOT]
+        specials += [f"<|reserved_special_token_{i}|>" for i in range(7, 7 + n_vocab - 128010)]
+    token_type = np.array([1] * len(tokens) + [3] * len(specials), dtype=np.int32)
+    return tokens + specials, token_type
+
+
+def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny", arch: str = "bitnet-b1.58",
+                       weight_type: str = "I2_S", seed: int = 0, **overrides: int | float) -> str:
+    """Write a random model; `overrides` replace fields of the shape (e.g. n_layer=2). Returns the path."""
+    dims = SHAPES[shape] if isinstance(shape, str) else shape
+    dims = replace(dims, **overrides)
+    rng = np.random.default_rng(seed)
+    path = os.fspath(path)
+    w = GGUFWriter(path)
+    w.add("general.architecture", arch)
+    w.add("general.name", f"random-{arch}-{dims.n_embd}x{dims.n_layer}")
+    for key, value in (("vocab_size", dims.n_vocab), ("context_length", dims.n_ctx),
+                       ("embedding_length", dims.n_embd), ("block_count", dims.n_layer),
+                       ("feed_forward_length", dims.n_ff), ("rope.dimension_count", dims.n_embd // dims.n_head),
+                       ("attention.head_count", dims.n_head), ("attention.head_count_kv", dims.n_head_kv)):
+        w.add(f"{arch}.{key}", int(value))
+    w.add(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add(f"{arch}.rope.freq_base", float(dims.rope_base))
+    tokens, token_type = byte_vocab(dims.n_vocab)
+    w.add("tokenizer.ggml.model", "gpt2")
+    w.add("tokenizer.ggml.pre", "llama-bpe")
+    w.add("tokenizer.ggml.tokens", tokens)
+    w.add("tokenizer.ggml.token_type", token_type)
+    w.add("tokenizer.ggml.merges", [], elem_type=8)
+    w.add("tokenizer.ggml.bos_token_id", tokens.index(BOS))
+    w.add("tokenizer.ggml.eos_token_id", tokens.index(EOS))
+    w.add("tokenizer.ggml.add_bos_token", True)
+
+    embd = (rng.standard_normal((dims.n_vocab, dims.n_embd), dtype=np.float32) * 0.05).astype(np.float16)
+    w.add_array("token_embd.weight", embd)
+    del embd
+    w.add_array("output_norm.weight", rng.uniform(0.5, 1.5, dims.n_embd).astype(np.float32))
+    kv = dims.n_embd // dims.n_head * dims.n_head_kv
+    shapes = {"attn_q": (dims.n_embd, dims.n_embd), "attn_k": (kv, dims.n_embd), "attn_v": (kv, dims.n_embd),
+              "attn_output": (dims.n_embd, dims.n_embd), "ffn_gate": (dims.n_ff, dims.n_embd),
+              "ffn_up": (dims.n_ff, dims.n_embd), "ffn_down": (dims.n_embd, dims.n_ff)}
+    for i in range(dims.n_layer):
+        for norm, size in (("attn_norm", dims.n_embd), ("attn_sub_norm", dims.n_embd),
+                           ("ffn_norm", dims.n_embd), ("ffn_sub_norm", dims.n_ff)):
+            w.add_array(f"blk.{i}.{norm}.weight", rng.uniform(0.5, 1.5, size).astype(np.float32))
+        for name, (m, k) in shapes.items():
+            scale = float(rng.uniform(0.5, 2.0))
+            w.add_tensor(f"blk.{i}.{name}.weight", (m, k), weight_type,
+                         _random_ternary(rng, m * k, scale, weight_type))
+    w.write()
+    return path
+
+
+def _random_ternary(rng: np.random.Generator, n: int, scale: float, weight_type: str) -> bytes:
+    """Uniform random ternary codes of n elements in the given storage type."""
+    if weight_type == "I2_S":
+        packed = rng.choice(_VALID_I2S_BYTES, size=n // 4)
+        tail = np.zeros(32, np.uint8)
+        tail[:4] = np.frombuffer(np.float32(scale).tobytes(), np.uint8)
+        return packed.tobytes() + tail.tobytes()
+    codes = rng.integers(-1, 2, size=n, dtype=np.int8)
+    d = np.full(n // quants.TQ_BLOCK, scale, dtype=np.float16)
+    if weight_type == "TQ2_0":
+        return quants.tq2_0_encode(codes, d)
+    if weight_type == "TQ1_0":
+        return quants.tq1_0_encode(codes, d)
+    raise ValueError(f"weight_type must be I2_S, TQ1_0 or TQ2_0, not {weight_type!r}")

@@ -1,0 +1,354 @@
+"""The BitNet b1.58 forward pass (spec §4), in one file that reads top to bottom.
+
+    h = token_embd[ids]
+    per layer:  a = rmsnorm(h)·attn_norm;  q,k,v = BitLinear(a);  rope(q,k);  store k,v
+                o = attention(q, K, V);    h += BitLinear(rmsnorm(o)·attn_sub_norm; attn_output)
+                f = rmsnorm(h)·ffn_norm;   z = act(BitLinear(f; gate)) · BitLinear(f; up)
+                h += BitLinear(rmsnorm(z)·ffn_sub_norm; ffn_down)
+    logits = (rmsnorm(h)·output_norm) @ token_embdᵀ
+
+The architectures differ only in data (`Config`): FFN activation (relu² for `bitnet-b1.58`,
+SiLU for `bitnet`), RoPE base, optional per-projection output scales. The ternary product is one
+call, `backend.matmul(weight, x_q)`. `numerics="ggml"` adds the reference C++ tool's f16
+rounding points (reference-models README, "Numerics"); the default is plain float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend
+from .gguf import GGUFError, GGUFFile
+from .quants import dequantize
+from .weights import load_ternary
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = {"bitnet-b1.58": "relu2", "bitnet-25": "relu2", "bitnet": "silu"}
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+NUMERICS = ("reference", "ggml")
+KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass(frozen=True)
+class Config:
+    """Hyper-parameters read from GGUF metadata (spec §3)."""
+
+    arch: str
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_ctx: int
+    rope_base: float
+    eps: float
+    activation: str  # "relu2" | "silu"
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile, activation: str | None = None) -> Config:
+        meta = gguf.metadata
+        arch = meta.get("general.architecture")
+        if arch not in ARCHITECTURES:
+            raise GGUFError(
+                f"{gguf.path}: general.architecture = {arch!r}; edgebit runs {', '.join(ARCHITECTURES)}"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise GGUFError(f"{gguf.path}: required metadata key {arch}.{key} is missing")
+            return value
+
+        n_embd, n_head = int(get("embedding_length")), int(get("attention.head_count"))
+        if "token_embd.weight" not in gguf.tensors:
+            raise GGUFError(f"{gguf.path}: required tensor 'token_embd.weight' is missing")
+        n_vocab = gguf.tensors["token_embd.weight"].shape[0]
+        head_dim = int(meta.get(f"{arch}.attention.key_length", n_embd // max(n_head, 1)))
+        n_rot = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+        if n_head <= 0 or head_dim * n_head != n_embd or n_rot != head_dim or head_dim % 2:
+            raise GGUFError(
+                f"{gguf.path}: inconsistent attention shape: embedding_length {n_embd}, head_count {n_head}, "
+                f"head_dim {head_dim}, rope.dimension_count {n_rot} (all dims must be rotated, head_dim even)"
+            )
+        n_head_kv = int(meta.get(f"{arch}.attention.head_count_kv", n_head))
+        if n_head_kv <= 0 or n_head % n_head_kv:
+            raise GGUFError(f"{gguf.path}: head_count {n_head} is not a multiple of head_count_kv {n_head_kv}")
+        scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+        factor = float(meta.get(f"{arch}.rope.scaling.factor", 1.0))
+        if scaling not in ("none", "linear") or factor not in (0.0, 1.0):
+            raise GGUFError(f"{gguf.path}: RoPE scaling {scaling!r} × {factor} is not supported")
+        act = activation or ARCHITECTURES[arch]
+        if act not in ("relu2", "silu"):
+            raise ValueError(f"activation must be 'relu2' or 'silu', not {act!r}")
+        config = cls(
+            arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=int(get("block_count")), n_head=n_head,
+            n_head_kv=n_head_kv, head_dim=head_dim, n_ff=int(get("feed_forward_length")),
+            n_ctx=int(get("context_length", 4096)), rope_base=float(get("rope.freq_base", 10000.0)),
+            eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), activation=act,
+        )
+        if arch == "bitnet" and activation is None and (config.n_embd, config.n_layer, n_head_kv) == (2560, 30, 5):
+            log.warning("%s: arch 'bitnet' with 2B4T dimensions: 2B4T was trained with relu² — "
+                        "pass activation='relu2' if this is BitNet-b1.58-2B-4T", gguf.path)
+        return config
+
+
+@dataclass
+class Layer:
+    """One decoder block: norm vectors (float32) and prepared ternary projections."""
+
+    attn_norm: np.ndarray
+    attn_sub_norm: np.ndarray
+    ffn_norm: np.ndarray
+    ffn_sub_norm: np.ndarray
+    proj: dict[str, Any]  # backend-prepared weights by projection name
+    scale: dict[str, np.float32]  # per-tensor weight scale s
+    out_scale: dict[str, np.float32]  # optional `*.scale` tensor (arch bitnet), else absent
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer, (n_head_kv, capacity, head_dim) each; grows by doubling."""
+
+    n_layer: int
+    n_head_kv: int
+    head_dim: int
+    dtype: type
+    length: int = 0
+    k: list[np.ndarray] = field(default_factory=list)
+    v: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def capacity(self) -> int:
+        return self.k[0].shape[1] if self.k else 0
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        cap = max(n, 2 * self.capacity, 64)
+        shape = (self.n_head_kv, cap, self.head_dim)
+        for store in (self.k, self.v):
+            for i in range(self.n_layer):
+                grown = np.zeros(shape, dtype=self.dtype)
+                if store and i < len(store):
+                    grown[:, : self.length] = store[i][:, : self.length]
+                if i < len(store):
+                    store[i] = grown
+                else:
+                    store.append(grown)
+
+    def truncate(self, n: int) -> None:
+        """Forget everything after the first n positions (the slots are reused)."""
+        self.length = min(self.length, n)
+
+    def copy(self) -> KVCache:
+        clone = KVCache(self.n_layer, self.n_head_kv, self.head_dim, self.dtype, self.length)
+        clone.k = [a[:, : self.length].copy() for a in self.k]
+        clone.v = [a[:, : self.length].copy() for a in self.v]
+        return clone
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.k + self.v)
+
+
+def _f16_round(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).astype(np.float32)
+
+
+class Transformer:
+    """Weights plus the forward pass. Stateless between calls: all state lives in a `KVCache`."""
+
+    def __init__(self, gguf: GGUFFile, backend: Backend, numerics: str = "reference",
+                 activation: str | None = None) -> None:
+        if numerics not in NUMERICS:
+            raise ValueError(f"numerics must be one of {NUMERICS}, not {numerics!r}")
+        self.config = cfg = Config.from_gguf(gguf, activation)
+        self.backend = backend
+        self.numerics = numerics
+        self._check_tensors(gguf)
+        self.token_embd = self._embedding(gguf)  # (n_vocab, n_embd), f16 view or float32
+        self.lm_head = self.token_embd.astype(np.float32)  # tied head, float32 for exact products
+        self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
+        self.layers = [self._layer(gguf, i) for i in range(cfg.n_layer)]
+        self._inv_freq = self._rope_frequencies()
+
+    # --- loading
+
+    def _check_tensors(self, gguf: GGUFFile) -> None:
+        for name in gguf.tensors:
+            if name.endswith(".bias") or name == "rope_freqs.weight":
+                raise GGUFError(f"{gguf.path}: tensor {name!r} (biases / rope_freqs) is not supported by edgebit")
+            if name == "output.weight":
+                log.info("%s: ignoring output.weight; the BitNet LM head is token_embd (tied)", gguf.path)
+
+    def _vector(self, gguf: GGUFFile, name: str, size: int) -> np.ndarray:
+        info = gguf.tensors.get(name)
+        if info is None:
+            raise GGUFError(f"{gguf.path}: required tensor {name!r} is missing")
+        if info.n_elements != size:
+            raise GGUFError(f"{gguf.path}: tensor {name!r} has {info.n_elements} elements, expected {size}")
+        return dequantize(gguf.tensor_bytes(name), info.type.name, size).copy()
+
+    def _embedding(self, gguf: GGUFFile) -> np.ndarray:
+        info = gguf.tensors["token_embd.weight"]
+        if info.shape[1:] != (self.config.n_embd,):
+            raise GGUFError(f"{gguf.path}: token_embd.weight has shape {info.shape}, "
+                            f"expected (n_vocab, {self.config.n_embd})")
+        if info.type.name in ("F16", "F32"):
+            return gguf.tensor_array("token_embd.weight")
+        flat = dequantize(gguf.tensor_bytes("token_embd.weight"), info.type.name, info.n_elements)
+        return flat.reshape(info.shape)
+
+    def _layer(self, gguf: GGUFFile, i: int) -> Layer:
+        cfg = self.config
+        kv = cfg.n_head_kv * cfg.head_dim
+        shapes = {"attn_q": (cfg.n_embd, cfg.n_embd), "attn_k": (kv, cfg.n_embd), "attn_v": (kv, cfg.n_embd),
+                  "attn_output": (cfg.n_embd, cfg.n_embd), "ffn_gate": (cfg.n_ff, cfg.n_embd),
+                  "ffn_up": (cfg.n_ff, cfg.n_embd), "ffn_down": (cfg.n_embd, cfg.n_ff)}
+        proj, scale, out_scale = {}, {}, {}
+        for p in PROJECTIONS:
+            w = load_ternary(gguf, f"blk.{i}.{p}.weight")
+            if w.shape != shapes[p]:
+                raise GGUFError(f"{gguf.path}: tensor 'blk.{i}.{p}.weight' has shape {w.shape}, expected {shapes[p]}")
+            proj[p] = self.backend.prepare(w)
+            scale[p] = np.float32(w.scale)
+            if f"blk.{i}.{p}.scale" in gguf.tensors:
+                out_scale[p] = np.float32(self._vector(gguf, f"blk.{i}.{p}.scale", 1)[0])
+        return Layer(
+            attn_norm=self._vector(gguf, f"blk.{i}.attn_norm.weight", cfg.n_embd),
+            attn_sub_norm=self._vector(gguf, f"blk.{i}.attn_sub_norm.weight", cfg.n_embd),
+            ffn_norm=self._vector(gguf, f"blk.{i}.ffn_norm.weight", cfg.n_embd),
+            ffn_sub_norm=self._vector(gguf, f"blk.{i}.ffn_sub_norm.weight", cfg.n_ff),
+            proj=proj, scale=scale, out_scale=out_scale,
+        )
+
+    def _rope_frequencies(self) -> np.ndarray:
+        d, base = self.config.head_dim, self.config.rope_base
+        if self.numerics == "ggml":  # theta_{i+1} = theta_i · base^(-2/d), repeated in float32
+            step = np.float32(base) ** np.float32(-2.0 / d)
+            inv = np.empty(d // 2, dtype=np.float32)
+            theta = np.float32(1.0)
+            for i in range(d // 2):
+                inv[i] = theta
+                theta = np.float32(theta * step)
+            return inv
+        return (1.0 / (np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
+
+    # --- building blocks
+
+    def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """y = x / sqrt(mean(x²) + ε) · w, per row (ggml: squares summed in double)."""
+        if self.numerics == "ggml":
+            mean = (np.square(x, dtype=np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+            return x * (np.float32(1.0) / np.sqrt(mean + np.float32(self.config.eps))) * weight
+        mean = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
+        return x * (np.float32(1.0) / np.sqrt(mean + np.float32(self.config.eps))) * weight
+
+    @staticmethod
+    def quantize_activations(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token absmax int8 (spec §4.2): γ = 127/max(|x|, 1e-5), x_q = clamp(rint(x·γ), -128, 127)."""
+        amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True).astype(np.float64), 1e-5)
+        gamma = (127.0 / amax).astype(np.float32)
+        xq = np.clip(np.rint(x * gamma), -128, 127).astype(np.int8)
+        return xq, gamma
+
+    def bitlinear(self, layer: Layer, name: str, xq: np.ndarray, gamma: np.ndarray) -> np.ndarray:
+        """y = (T · x_q) / γ · s  [· optional output scale]; the integer product comes from the backend."""
+        y = self.backend.matmul(layer.proj[name], xq) / gamma * layer.scale[name]
+        if name in layer.out_scale:
+            y *= layer.out_scale[name]
+        return y
+
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i."""
+        angles = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]  # (T, d/2)
+        cos, sin = np.cos(angles), np.sin(angles)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Causal GQA attention. q (n_head, T, d); k, v (n_head_kv, L, d); mask (T, L) bool → (T, n_head·d)."""
+        cfg = self.config
+        n_rep, T = cfg.n_head // cfg.n_head_kv, q.shape[1]
+        if self.numerics == "ggml":
+            q = _f16_round(q)
+        qg = q.reshape(cfg.n_head_kv, n_rep * T, cfg.head_dim)  # query head h uses kv head h // n_rep
+        scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(cfg.head_dim))
+        scores = scores.reshape(cfg.n_head_kv, n_rep, T, -1)
+        scores = np.where(mask, scores, np.float32(-np.inf))
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        if self.numerics == "ggml" and T == 1:
+            probs = _f16_round(probs)
+        out = np.matmul(probs.reshape(cfg.n_head_kv, n_rep * T, -1), v.astype(np.float32, copy=False))
+        return out.reshape(cfg.n_head, T, cfg.head_dim).transpose(1, 0, 2).reshape(T, cfg.n_embd)
+
+    def ffn_activation(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        if self.config.activation == "relu2":
+            return np.square(np.maximum(gate, 0)) * up
+        return gate / (1 + np.exp(-gate)) * up
+
+    def new_cache(self, kv_dtype: str = "float32") -> KVCache:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {tuple(KV_DTYPES)}, not {kv_dtype!r}")
+        cfg = self.config
+        return KVCache(cfg.n_layer, cfg.n_head_kv, cfg.head_dim, KV_DTYPES[kv_dtype])
+
+    # --- the forward pass
+
+    def forward(self, ids: np.ndarray, cache: KVCache, positions: np.ndarray | None = None,
+                mask: np.ndarray | None = None) -> np.ndarray:
+        """Run tokens `ids` after the `cache.length` tokens already in `cache`; returns hidden states (T, n_embd).
+
+        `positions` default to cache.length + arange(T). `mask` (T, T) says which new tokens each new
+        token may attend to (default causal); every cached token is visible. The new keys and values
+        are appended to the cache (callers may `truncate` afterwards to discard them).
+        """
+        cfg = self.config
+        ids = np.asarray(ids, dtype=np.int64)
+        T, past = len(ids), cache.length
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_vocab):
+            raise ValueError(f"token id out of range 0..{cfg.n_vocab - 1}")
+        positions = past + np.arange(T) if positions is None else np.asarray(positions)
+        new_mask = np.tril(np.ones((T, T), dtype=bool)) if mask is None else mask
+        full_mask = np.concatenate([np.ones((T, past), dtype=bool), new_mask], axis=1)
+        cache.reserve(past + T)
+
+        h = self.token_embd[ids].astype(np.float32)
+        for i, layer in enumerate(self.layers):
+            # attention block
+            xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.attn_norm))
+            q = self.bitlinear(layer, "attn_q", xq, gamma).reshape(T, cfg.n_head, cfg.head_dim).transpose(1, 0, 2)
+            k = self.bitlinear(layer, "attn_k", xq, gamma).reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
+            v = self.bitlinear(layer, "attn_v", xq, gamma).reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
+            q, k = self.rope(q, positions), self.rope(k, positions)
+            cache.k[i][:, past : past + T] = k
+            cache.v[i][:, past : past + T] = v
+            keys, values = cache.k[i][:, : past + T], cache.v[i][:, : past + T]
+            o = self.attention(q, keys.astype(np.float32, copy=False), values, full_mask)
+            xq, gamma = self.quantize_activations(self.rmsnorm(o, layer.attn_sub_norm))
+            h = h + self.bitlinear(layer, "attn_output", xq, gamma)
+            # feed-forward block
+            xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.ffn_norm))
+            z = self.ffn_activation(self.bitlinear(layer, "ffn_gate", xq, gamma),
+                                    self.bitlinear(layer, "ffn_up", xq, gamma))
+            xq, gamma = self.quantize_activations(self.rmsnorm(z, layer.ffn_sub_norm))
+            h = h + self.bitlinear(layer, "ffn_down", xq, gamma)
+        cache.length = past + T
+        return h
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """Final norm and the tied LM head for the given hidden rows → float32 (rows, n_vocab)."""
+        x = self.rmsnorm(hidden, self.output_norm)
+        if self.numerics == "ggml" and x.shape[0] == 1:
+            x = _f16_round(x)  # ggml rounds a single row to f16 before an f16 mat-vec
+        return x @ self.lm_head.T
