@@ -19,6 +19,7 @@ import numpy as np
 
 from .backends import get_backend
 from .chat import format_chat
+from .classify import LabelScorer, default_template
 from .gguf import GGUFFile
 from .sampling import Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -97,6 +98,7 @@ class Model:
         self.kv_dtype = kv_dtype
         self.transformer.new_cache(kv_dtype)  # validates kv_dtype now rather than at first use
         self.config = self.transformer.config
+        self.scorer = LabelScorer(self.transformer, self.tokenizer, kv_dtype)
 
     # --- description
 
@@ -250,6 +252,22 @@ class Model:
         return gen.result()
 
     # --- scoring
+
+    def classify(self, text: str, labels: Sequence[str], prompt: str | None = None) -> dict[str, Any]:
+        """`{"label", "scores"}`: each label's probability after the prompt, normalised over the labels.
+
+        `prompt` is a template containing `{text}` (and optionally `{labels}`); its part before `{text}`
+        is prefilled once and reused from a cache for every later message with the same prefix.
+        """
+        return self.classify_batch([text], labels, prompt)[0]
+
+    def classify_batch(self, texts: Sequence[str], labels: Sequence[str], prompt: str | None = None,
+                       use_prefix_cache: bool = True) -> list[dict[str, Any]]:
+        """`classify` for several texts in one forward pass (same labels and prompt)."""
+        if not texts:
+            return []
+        template = prompt if prompt is not None else default_template(self.tokenizer)
+        return self.scorer.score(list(texts), labels, template, use_cache=use_prefix_cache, n_ctx=self.config.n_ctx)
 
     def perplexity(self, text: str, ctx: int = 512, batch: int = DEFAULT_BATCH) -> float:
         """llama-perplexity's method: non-overlapping windows of `ctx` tokens, each from an empty cache

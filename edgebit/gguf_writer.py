@@ -55,6 +55,8 @@ def _value(vtype: int, value: Any, elem_type: int | None = None) -> bytes:
         et = elem_type if elem_type is not None else (_infer_type(items[0]) if items else U32)
         if et == STRING:
             return struct.pack("<IQ", et, len(items)) + b"".join(_string(s) for s in items)
+        if et == ARRAY:
+            return struct.pack("<IQ", et, len(items)) + b"".join(_value(ARRAY, item) for item in items)
         return struct.pack("<IQ", et, len(items)) + b"".join(struct.pack(_FMT[et], v) for v in items)
     return struct.pack(_FMT[vtype], value)
 
