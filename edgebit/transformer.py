@@ -275,22 +275,36 @@ class Transformer:
         return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Causal GQA attention. q (n_head, T, d); k, v (n_head_kv, L, d); mask (T, L) bool → (T, n_head·d)."""
+        """Causal GQA attention. q (n_head, T, d); k, v (n_head_kv, L, d); mask (T, L) bool → (T, n_head·d).
+
+        Each query row is computed on its own against exactly the keys it may see, in position order.
+        A row's numbers therefore do not depend on how many rows share the call: a prompt gives the
+        same logits whether it is evaluated at once, in chunks or token by token, and a token tree
+        (classification) gives the same numbers as running each branch separately.
+        """
         cfg = self.config
-        n_rep, T = cfg.n_head // cfg.n_head_kv, q.shape[1]
+        n_rep, T, d = cfg.n_head // cfg.n_head_kv, q.shape[1], cfg.head_dim
         if self.numerics == "ggml":
             q = _f16_round(q)
-        qg = q.reshape(cfg.n_head_kv, n_rep * T, cfg.head_dim)  # query head h uses kv head h // n_rep
-        scores = np.matmul(qg, k.transpose(0, 2, 1)) * np.float32(1.0 / np.sqrt(cfg.head_dim))
-        scores = scores.reshape(cfg.n_head_kv, n_rep, T, -1)
-        scores = np.where(mask, scores, np.float32(-np.inf))
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        if self.numerics == "ggml" and T == 1:
-            probs = _f16_round(probs)
-        out = np.matmul(probs.reshape(cfg.n_head_kv, n_rep * T, -1), v.astype(np.float32, copy=False))
-        return out.reshape(cfg.n_head, T, cfg.head_dim).transpose(1, 0, 2).reshape(T, cfg.n_embd)
+        qg = q.reshape(cfg.n_head_kv, n_rep, T, d)  # query head h uses kv head h // n_rep
+        scale = np.float32(1.0 / np.sqrt(d))
+        round_probs = self.numerics == "ggml" and T == 1  # ggml rounds probabilities only in decode
+        out = np.empty((T, cfg.n_head_kv, n_rep, d), dtype=np.float32)
+        for t in range(T):
+            visible = np.flatnonzero(mask[t])
+            n = visible.size
+            if n and visible[-1] == n - 1:  # a prefix of the keys: a view, no copy
+                keys, values = k[:, :n], v[:, :n]
+            else:
+                keys, values = k[:, visible], v[:, visible]
+            scores = np.matmul(qg[:, :, t], keys.transpose(0, 2, 1)) * scale  # (n_kv, n_rep, n)
+            scores -= scores.max(axis=-1, keepdims=True)
+            probs = np.exp(scores)
+            probs /= probs.sum(axis=-1, keepdims=True)
+            if round_probs:
+                probs = _f16_round(probs)
+            out[t] = np.matmul(probs, values)
+        return out.reshape(T, cfg.n_embd)
 
     def ffn_activation(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
         if self.config.activation == "relu2":
@@ -333,8 +347,9 @@ class Transformer:
             q, k = self.rope(q, positions), self.rope(k, positions)
             cache.k[i][:, past : past + T] = k
             cache.v[i][:, past : past + T] = v
-            keys, values = cache.k[i][:, : past + T], cache.v[i][:, : past + T]
-            o = self.attention(q, keys.astype(np.float32, copy=False), values, full_mask)
+            keys = cache.k[i][:, : past + T].astype(np.float32, copy=False)
+            values = cache.v[i][:, : past + T].astype(np.float32, copy=False)
+            o = self.attention(q, keys, values, full_mask)
             xq, gamma = self.quantize_activations(self.rmsnorm(o, layer.attn_sub_norm))
             h = h + self.bitlinear(layer, "attn_output", xq, gamma)
             # feed-forward block

@@ -1,0 +1,152 @@
+"""The public engine API on a small random model: logits, generation, stops, perplexity, classify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgebit
+from edgebit.engine import ContextLengthError, Generation, Model
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model: Path) -> Model:
+    return edgebit.load(tiny_model, backend="reference")
+
+
+PROMPT = [256, 10, 20, 30, 40]  # BOS of the byte vocabulary, then byte tokens
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def test_info(model: Model) -> None:
+    info = model.info
+    assert info["arch"] == "bitnet-b1.58" and info["block_count"] == 2 and info["vocab_size"] == 512
+    assert info["tensor_types"] == {"F16": 1, "F32": 9, "I2_S": 14}
+    assert info["parameters"] == sum(t.n_elements for t in model.gguf.tensors.values())
+
+
+def test_logits_batching_does_not_change_results(model: Model) -> None:
+    ids = list(range(1, 60))
+    full = model.logits(ids)
+    assert full.dtype == np.float32 and full.shape == (59, 512)
+    chunked = model.prefill(model.new_cache(), ids, batch=7, all_logits=True)
+    np.testing.assert_array_equal(chunked, full)  # attention is computed per row: no batch effects
+
+
+def test_greedy_generation_follows_argmax(model: Model) -> None:
+    out = model.complete(prompt=PROMPT, max_tokens=12, temperature=0)
+    ids = list(PROMPT)
+    for token in out.token_ids:
+        assert token == int(np.argmax(model.logits(ids)[-1]))
+        ids.append(token)
+    assert out.finish_reason == "length" and out.completion_tokens == 12
+    assert out.usage == {"prompt_tokens": 5, "completion_tokens": 12, "total_tokens": 17}
+
+
+def test_streaming_equals_plain_and_seed_reproduces(model: Model) -> None:
+    kwargs = dict(prompt=PROMPT, max_tokens=20, temperature=1.0, seed=5)
+    gen = model.generate(stream=True, **kwargs)
+    assert isinstance(gen, Generation)
+    pieces = list(gen)
+    assert "".join(pieces) == model.generate(**kwargs) == gen.text
+    assert model.complete(**kwargs).token_ids == gen.token_ids
+
+
+def test_stop_string_cuts_text(model: Model) -> None:
+    text = model.complete(prompt="hello", max_tokens=30, temperature=0).text
+    assert len(text) > 8
+    stop = text[4:7]
+    cut = model.complete(prompt="hello", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.text == text[: text.find(stop)] and cut.finish_reason == "stop"
+    streamed = "".join(model.generate(prompt="hello", max_tokens=30, temperature=0, stop=stop, stream=True))
+    assert streamed == cut.text
+
+
+def test_stop_token_ends_generation(model: Model, monkeypatch: pytest.MonkeyPatch) -> None:
+    free = model.complete(prompt=PROMPT, max_tokens=10, temperature=0)
+    monkeypatch.setattr(model.tokenizer, "stop_ids", frozenset({free.token_ids[3]}))
+    stopped = model.complete(prompt=PROMPT, max_tokens=10, temperature=0)
+    assert stopped.finish_reason == "stop"
+    assert stopped.token_ids == free.token_ids[: free.token_ids.index(free.token_ids[3])]
+
+
+def test_context_length(model: Model) -> None:
+    n_ctx = model.config.n_ctx
+    with pytest.raises(ContextLengthError, match=str(n_ctx)):
+        model.logits([1] * (n_ctx + 1))
+    with pytest.raises(ContextLengthError):
+        model.generate(prompt=[1] * n_ctx, max_tokens=5)
+    out = model.complete(prompt=[1] * (n_ctx - 3), max_tokens=50, temperature=0)
+    # 3 generated tokens fill the context; a 4th is sampled from the last position's logits
+    assert out.finish_reason == "length" and out.completion_tokens == 4
+
+
+def test_bad_token_ids_and_arguments(model: Model) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        model.logits([1, 9999])
+    with pytest.raises(ValueError, match="exactly one"):
+        model.generate()
+
+
+def test_perplexity_by_hand(model: Model) -> None:
+    """llama-perplexity: windows of ctx, first token -> BOS, second half scored."""
+    text = "The quick brown fox jumps over the lazy dog. " * 6
+    ctx = 32
+    ids = model.tokenizer.encode(text, bos=True)
+    nll = []
+    for k in range(len(ids) // ctx):
+        chunk = ids[k * ctx : (k + 1) * ctx]
+        chunk[0] = model.tokenizer.bos_id
+        lp = _log_softmax(model.logits(chunk))
+        nll += [-lp[i, chunk[i + 1]] for i in range(ctx // 2, ctx - 1)]
+    assert model.perplexity(text, ctx=ctx) == pytest.approx(np.exp(np.mean(nll)), rel=1e-6)
+    with pytest.raises(ValueError, match="at least ctx"):
+        model.perplexity("short", ctx=128)
+
+
+def test_classify_scores_equal_hand_computation(model: Model) -> None:
+    labels = ["normal", "warning", "critical"]
+    template = "Message: {text}\nLabel:"
+    result = model.classify("boiler 95C, pressure rising", labels, prompt=template)
+    tok = model.tokenizer
+    context = [tok.bos_id] + tok.encode("Message: ", special=True) + tok.encode("boiler 95C, pressure rising")
+    context += tok.encode("\nLabel:", special=True)
+    logp = []
+    for label in labels:
+        cont = tok.encode(" " + label)
+        lp = _log_softmax(model.logits(context + cont))
+        logp.append(sum(lp[len(context) - 1 + i, t] for i, t in enumerate(cont)))
+    p = np.exp(np.array(logp) - max(logp))
+    p /= p.sum()
+    assert result["scores"] == pytest.approx(dict(zip(labels, p)), abs=1e-5)
+    assert result["label"] == labels[int(np.argmax(p))]
+
+
+def test_classify_prefix_cache_and_batching(model: Model) -> None:
+    labels = ["ok", "bad news", "x"]
+    texts = ["first message", "a second, longer message here", "3"]
+    template = "Some fixed instructions and examples. {text} =>"
+    cached = model.classify_batch(texts, labels, template)
+    uncached = model.classify_batch(texts, labels, template, use_prefix_cache=False)
+    singles = [model.classify(t, labels, template) for t in texts]
+    for a, b, c in zip(cached, uncached, singles):
+        assert a["label"] == b["label"] == c["label"]
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
+        assert a["scores"] == pytest.approx(c["scores"], abs=1e-5)
+        assert sum(a["scores"].values()) == pytest.approx(1.0)
+
+
+def test_classify_validates(model: Model) -> None:
+    with pytest.raises(ValueError, match="labels"):
+        model.classify("x", [])
+    with pytest.raises(ValueError, match="distinct"):
+        model.classify("x", ["a", "a"])
+    with pytest.raises(ValueError, match=r"\{text\}"):
+        model.classify("x", ["a", "b"], prompt="no placeholder")
