@@ -114,7 +114,7 @@ class LabelScorer:
             p = np.exp(lp - lp.max())
             p /= p.sum()
             best = int(np.argmax(p))
-            results.append({"label": labels[best], "scores": {lab: float(s) for lab, s in zip(labels, p)}})
+            results.append({"label": labels[best], "scores": {lab: float(s) for lab, s in zip(labels, p, strict=True)}})
         return results
 
     def _tree_logprobs(self, cache: KVCache, messages: list[list[int]], label_ids: list[list[int]]) -> list[np.ndarray]:

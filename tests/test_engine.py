@@ -125,7 +125,7 @@ def test_classify_scores_equal_hand_computation(model: Model) -> None:
         logp.append(sum(lp[len(context) - 1 + i, t] for i, t in enumerate(cont)))
     p = np.exp(np.array(logp) - max(logp))
     p /= p.sum()
-    assert result["scores"] == pytest.approx(dict(zip(labels, p)), abs=1e-5)
+    assert result["scores"] == pytest.approx(dict(zip(labels, p, strict=True)), abs=1e-5)
     assert result["label"] == labels[int(np.argmax(p))]
 
 
@@ -136,7 +136,7 @@ def test_classify_prefix_cache_and_batching(model: Model) -> None:
     cached = model.classify_batch(texts, labels, template)
     uncached = model.classify_batch(texts, labels, template, use_prefix_cache=False)
     singles = [model.classify(t, labels, template) for t in texts]
-    for a, b, c in zip(cached, uncached, singles):
+    for a, b, c in zip(cached, uncached, singles, strict=True):
         assert a["label"] == b["label"] == c["label"]
         assert a["scores"] == pytest.approx(b["scores"], abs=1e-5)
         assert a["scores"] == pytest.approx(c["scores"], abs=1e-5)
