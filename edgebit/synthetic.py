@@ -3,7 +3,7 @@
 For benchmarks (`edgebit bench --shape 2b4t` needs no 1.2 GB download) and for tests that need
 a model. The weights are random, so the text is meaningless, but every byte follows the real
 format: I2_S (or TQ1_0/TQ2_0) projections, an f16 tied embedding, f32 norms and a working
-byte-level BPE tokenizer with the LLaMA-3 special tokens.
+byte-level BPE tokenizer (bytes plus merged letter pairs) with the LLaMA-3 special tokens.
 """
 
 from __future__ import annotations
@@ -56,19 +56,37 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def byte_vocab(n_vocab: int) -> tuple[list[str], np.ndarray]:
-    """A byte-level BPE vocabulary: 256 byte tokens, then the special tokens (as CONTROL) up to n_vocab."""
+    """A byte-level BPE vocabulary of n_vocab tokens: (tokens, token types); see `byte_merges`.
+
+    256 byte tokens, then merged pairs of letters and space ("Ġa", "th", ...) with their merges,
+    then filler tokens, then the special tokens (CONTROL). A vocabulary of the LLaMA-3 size keeps
+    the LLaMA-3 special ids (BOS 128000, EOS 128001, EOT 128009).
+    """
     if n_vocab < 259:
         raise ValueError("a byte-level vocabulary needs at least 259 tokens")
     table = _bytes_to_unicode()
-    tokens = [table[b] for b in range(256)]
-    specials = [BOS, EOS] + [f"<|reserved_special_token_{i}|>" for i in range(n_vocab - 259)] + [EOT]
-    if n_vocab >= 128256:  # keep the LLaMA-3 ids (BOS 128000, EOS 128001, EOT 128009)
-        n_plain = 128000 - 256
-        tokens += [f"<pad_{i}>" for i in range(n_plain)]
+    if n_vocab >= 128256:
         specials = [BOS, EOS] + [f"<|reserved_special_token_{i}|>" for i in range(7)] + [EOT]
         specials += [f"<|reserved_special_token_{i}|>" for i in range(7, 7 + n_vocab - 128010)]
+    else:
+        specials = [BOS, EOS, EOT]
+    n_plain = n_vocab - len(specials)
+    tokens = [table[b] for b in range(256)] + [a + b for a, b in _pairs(n_plain - 256)]
+    tokens += [f"<pad_{i}>" for i in range(n_plain - len(tokens))]
     token_type = np.array([1] * len(tokens) + [3] * len(specials), dtype=np.int32)
     return tokens + specials, token_type
+
+
+def _pairs(limit: int) -> list[tuple[str, str]]:
+    """Pairs of space ("Ġ") and lower-case letters, the merged tokens of `byte_vocab`."""
+    alphabet = [_bytes_to_unicode()[0x20]] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    return [(a, b) for a in alphabet for b in alphabet][: max(limit, 0)]
+
+
+def byte_merges(n_vocab: int) -> list[str]:
+    """The BPE merges ("left right") that build the pair tokens of `byte_vocab(n_vocab)`."""
+    present = set(byte_vocab(n_vocab)[0])
+    return [f"{a} {b}" for a, b in _pairs(len(present)) if a + b in present]
 
 
 def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny", arch: str = "bitnet-b1.58",
@@ -93,7 +111,7 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
     w.add("tokenizer.ggml.pre", "llama-bpe")
     w.add("tokenizer.ggml.tokens", tokens)
     w.add("tokenizer.ggml.token_type", token_type)
-    w.add("tokenizer.ggml.merges", [], elem_type=8)
+    w.add("tokenizer.ggml.merges", byte_merges(dims.n_vocab), elem_type=8)
     w.add("tokenizer.ggml.bos_token_id", tokens.index(BOS))
     w.add("tokenizer.ggml.eos_token_id", tokens.index(EOS))
     w.add("tokenizer.ggml.add_bos_token", True)
@@ -111,7 +129,8 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
                            ("ffn_norm", dims.n_embd), ("ffn_sub_norm", dims.n_ff)):
             w.add_array(f"blk.{i}.{norm}.weight", rng.uniform(0.5, 1.5, size).astype(np.float32))
         for name, (m, k) in shapes.items():
-            scale = float(rng.uniform(0.5, 2.0))
+            # like a trained model: outputs of order one for inputs of order one (2/3 of codes are ±1)
+            scale = float(rng.uniform(0.5, 2.0) / np.sqrt(k * 2 / 3))
             w.add_tensor(f"blk.{i}.{name}.weight", (m, k), weight_type,
                          _random_ternary(rng, m * k, scale, weight_type))
     w.write()
