@@ -244,9 +244,9 @@ class Transformer:
     # --- building blocks
 
     def rmsnorm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """y = x / sqrt(mean(x²) + ε) · w, per row (ggml: squares summed in double)."""
+        """y = x / sqrt(mean(x²) + ε) · w, per row (ggml: float32 squares summed in double)."""
         if self.numerics == "ggml":
-            mean = (np.square(x, dtype=np.float64).sum(axis=-1, keepdims=True) / x.shape[-1]).astype(np.float32)
+            mean = (np.square(x).sum(axis=-1, keepdims=True, dtype=np.float64) / x.shape[-1]).astype(np.float32)
             return x * (np.float32(1.0) / np.sqrt(mean + np.float32(self.config.eps))) * weight
         mean = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)
         return x * (np.float32(1.0) / np.sqrt(mean + np.float32(self.config.eps))) * weight
