@@ -7,15 +7,17 @@ import sys
 
 import click
 
-from .. import load
 from . import main
+from .options import model_option, one_model, open_model
 
 
-def _open(model: str, backend: str | None, threads: int | None, **kwargs):
-    try:
-        return load(model, backend=backend, threads=threads, **kwargs)
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+def _shift(model: str | None, model_opt: str | None, arg: str | None, name: str) -> tuple[str | None, str]:
+    """`[MODEL] ARG`: with one positional value it is ARG, and the model comes from -m or the config."""
+    if arg is None:
+        if model is None:
+            raise click.UsageError(f"missing argument {name}")
+        model, arg = None, model
+    return one_model(model, model_opt), arg
 
 
 backend_option = click.option("--backend", default=None, envvar="EDGEBIT_BACKEND",
@@ -29,17 +31,18 @@ kv_option = click.option("--kv-dtype", type=click.Choice(["float32", "float16"])
 
 
 @main.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
+@model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the information as JSON.")
 @backend_option
-def info(model: str, as_json: bool, backend: str | None) -> None:
+def info(model: str | None, model_opt: str | None, as_json: bool, backend: str | None) -> None:
     """Show a model's architecture, hyper-parameters and tensor types.
 
     \b
     Example:
       edgebit info ggml-model-i2_s.gguf --json
     """
-    m = _open(model, backend, None)
+    m = open_model(one_model(model, model_opt), backend, None)
     data = m.info
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -52,8 +55,9 @@ def info(model: str, as_json: bool, backend: str | None) -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("prompt")
+@click.argument("model", required=False)
+@click.argument("prompt", required=False)
+@model_option
 @click.option("-n", "--max-tokens", type=click.IntRange(min=0), default=128, show_default=True)
 @click.option("--temperature", "--temp", type=click.FloatRange(min=0), default=0.8, show_default=True,
               help="0 = greedy.")
@@ -69,17 +73,20 @@ def info(model: str, as_json: bool, backend: str | None) -> None:
 @threads_option
 @numerics_option
 @kv_option
-def generate(model: str, prompt: str, max_tokens: int, temperature: float, top_k: int, top_p: float,
-             min_p: float, repeat_penalty: float, seed: int | None, stop: tuple[str, ...], chat: bool,
-             system: str | None, backend: str | None, threads: int | None, numerics: str, kv_dtype: str) -> None:
+def generate(model: str | None, prompt: str | None, model_opt: str | None, max_tokens: int, temperature: float,
+             top_k: int, top_p: float, min_p: float, repeat_penalty: float, seed: int | None, stop: tuple[str, ...],
+             chat: bool, system: str | None, backend: str | None, threads: int | None, numerics: str,
+             kv_dtype: str) -> None:
     """Continue PROMPT and stream the text to stdout.
 
     \b
     Examples:
       edgebit generate model.gguf "Once upon a time" -n 64 --temp 0
       edgebit generate model.gguf "Classify: boiler 95C" --chat --system "Answer in one word."
+      edgebit generate "Once upon a time"    # the default model from config.toml / EDGEBIT_MODEL
     """
-    m = _open(model, backend, threads, numerics=numerics, kv_dtype=kv_dtype)
+    model, prompt = _shift(model, model_opt, prompt, "PROMPT")
+    m = open_model(model, backend, threads, numerics=numerics, kv_dtype=kv_dtype)
     if system and not chat:
         raise click.UsageError("--system needs --chat")
     messages = None
@@ -98,8 +105,9 @@ def generate(model: str, prompt: str, max_tokens: int, temperature: float, top_k
 
 
 @main.command()
-@click.argument("model", type=click.Path(exists=True, dir_okay=False))
-@click.argument("text_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("model", required=False)
+@click.argument("text_file", required=False)
+@model_option
 @click.option("-c", "--ctx", type=click.IntRange(min=4), default=512, show_default=True,
               help="Window size in tokens; the second half of each window is scored.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -107,17 +115,21 @@ def generate(model: str, prompt: str, max_tokens: int, temperature: float, top_k
 @threads_option
 @numerics_option
 @kv_option
-def perplexity(model: str, text_file: str, ctx: int, as_json: bool, backend: str | None, threads: int | None,
-               numerics: str, kv_dtype: str) -> None:
+def perplexity(model: str | None, text_file: str | None, model_opt: str | None, ctx: int, as_json: bool,
+               backend: str | None, threads: int | None, numerics: str, kv_dtype: str) -> None:
     """Perplexity of MODEL on TEXT_FILE, computed as llama-perplexity does.
 
     \b
     Example:
       edgebit perplexity ggml-model-i2_s.gguf wiki.test.raw --ctx 512
     """
-    m = _open(model, backend, threads, numerics=numerics, kv_dtype=kv_dtype)
-    with open(text_file, encoding="utf-8", newline="") as fh:
-        text = fh.read()
+    model, text_file = _shift(model, model_opt, text_file, "TEXT_FILE")
+    m = open_model(model, backend, threads, numerics=numerics, kv_dtype=kv_dtype)
+    try:
+        with open(text_file, encoding="utf-8", newline="") as fh:
+            text = fh.read()
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {text_file}: {exc.strerror or exc}", param_hint="TEXT_FILE") from None
     try:
         ppl = m.perplexity(text, ctx=ctx)
     except ValueError as exc:
