@@ -8,12 +8,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 __version__ = "0.1.0"
 
 
 def load(path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
-         kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None):
+         kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
+         progress: Callable[[int, int], None] | None = None):
     """Open a BitNet GGUF file and prepare it for inference.
 
     backend: a ternary kernel name (see `edgebit backends`); None picks one for this machine.
@@ -21,11 +23,12 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
     kv_dtype: "float32" or "float16" (halves KV-cache memory).
     numerics: "reference" (plain float32, the model's math) or "ggml" (bitnet.cpp's f16 roundings).
     activation: override the FFN activation ("relu2" or "silu") for mislabelled files.
+    progress: called as progress(layers_done, layers_total) while the weights are prepared.
     """
     from .engine import Model
 
     return Model(path, backend=backend, threads=threads, kv_dtype=kv_dtype, numerics=numerics,
-                 activation=activation)
+                 activation=activation, progress=progress)
 
 
 def load_tokenizer(path: str | os.PathLike[str]):

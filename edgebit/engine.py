@@ -11,7 +11,7 @@ import hashlib
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,11 +89,13 @@ class Model:
     """A BitNet model ready to run. Create with `edgebit.load(path)`."""
 
     def __init__(self, path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
-                 kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None) -> None:
+                 kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
         self.path = os.fspath(path)
         self.gguf = GGUFFile(self.path)
         self.backend = get_backend(backend, threads)
-        self.transformer = Transformer(self.gguf, self.backend, numerics=numerics, activation=activation)
+        self.transformer = Transformer(self.gguf, self.backend, numerics=numerics, activation=activation,
+                                       progress=progress)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=self.path)
         self.kv_dtype = kv_dtype
         self.transformer.new_cache(kv_dtype)  # validates kv_dtype now rather than at first use

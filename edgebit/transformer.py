@@ -16,6 +16,7 @@ rounding points (reference-models README, "Numerics"); the default is plain floa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,7 +167,8 @@ class Transformer:
     """Weights plus the forward pass. Stateless between calls: all state lives in a `KVCache`."""
 
     def __init__(self, gguf: GGUFFile, backend: Backend, numerics: str = "reference",
-                 activation: str | None = None) -> None:
+                 activation: str | None = None, progress: Callable[[int, int], None] | None = None) -> None:
+        """Read and prepare every weight; `progress(done, total)` is called after each layer."""
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, not {numerics!r}")
         self.config = cfg = Config.from_gguf(gguf, activation)
@@ -176,7 +178,11 @@ class Transformer:
         self.token_embd = self._embedding(gguf)  # (n_vocab, n_embd), f16 view or float32
         self.lm_head = self.token_embd.astype(np.float32)  # tied head, float32 for exact products
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
-        self.layers = [self._layer(gguf, i) for i in range(cfg.n_layer)]
+        self.layers = []
+        for i in range(cfg.n_layer):
+            self.layers.append(self._layer(gguf, i))
+            if progress is not None:
+                progress(i + 1, cfg.n_layer)
         self._inv_freq = self._rope_frequencies()
 
     # --- loading

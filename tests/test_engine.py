@@ -157,3 +157,9 @@ def test_classify_validates(model: Model) -> None:
         model.classify("x", ["a", "a"])
     with pytest.raises(ValueError, match=r"\{text\}"):
         model.classify("x", ["a", "b"], prompt="no placeholder")
+
+
+def test_load_reports_progress_per_layer(tiny_model: Path) -> None:
+    seen: list[tuple[int, int]] = []
+    edgebit.load(tiny_model, progress=lambda done, total: seen.append((done, total)))
+    assert seen == [(1, 2), (2, 2)]
