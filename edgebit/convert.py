@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 
 from . import quants
-from .gguf_writer import ARRAY, F32, STRING, GGUFWriter
+from .gguf_writer import ARRAY, STRING, GGUFWriter
 from .safetensors import Checkpoint, SafetensorsError
 from .spm_model import SpmError, parse_spm
+from .transformer import Config
 
 log = logging.getLogger(__name__)
 
@@ -71,23 +72,6 @@ class ConvertError(ValueError):
     """The checkpoint cannot be converted; the message names the file, tensor or key and what to do."""
 
 
-@dataclass(frozen=True)
-class HParams:
-    """What the GGUF header needs from config.json."""
-
-    arch: str
-    activation: str
-    n_vocab: int
-    n_embd: int
-    n_layer: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_ctx: int
-    rope_base: float
-    eps: float
-
-
 @dataclass
 class ConvertResult:
     """What `convert` wrote."""
@@ -112,7 +96,7 @@ def _load_json(path: str) -> dict[str, Any]:
     return data
 
 
-def read_hparams(config: dict[str, Any], source: str = "config.json") -> HParams:
+def read_hparams(config: dict[str, Any], source: str = "config.json") -> Config:
     """Validate config.json and pick the GGUF architecture from the FFN activation."""
     names = config.get("architectures") or []
     known = [a for a in names if a in ARCHITECTURES]
@@ -149,9 +133,10 @@ def read_hparams(config: dict[str, Any], source: str = "config.json") -> HParams
     if rope_type not in ("default", "linear") or float(rope.get("factor", 1.0)) != 1.0:
         raise ConvertError(f"{source}: RoPE scaling {rope!r} is not supported")
     theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    return HParams(
+    return Config(
         arch=GGUF_ARCH[activation], activation=activation, n_vocab=need("vocab_size"), n_embd=n_embd,
-        n_layer=need("num_hidden_layers"), n_head=n_head, n_head_kv=n_head_kv, n_ff=need("intermediate_size"),
+        n_layer=need("num_hidden_layers"), n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+        n_ff=need("intermediate_size"),
         n_ctx=int(config.get("max_position_embeddings") or 2048), rope_base=float(theta),
         eps=float(config.get("rms_norm_eps", 1e-5)),
     )
@@ -240,11 +225,7 @@ class _Converter:
         if "lm_head.weight" in ckpt:
             used.add("lm_head.weight")
             jobs.append(("lm_head.weight", lambda: self._check_lm_head(embd)))
-        kv = hp.n_head_kv * (hp.n_embd // hp.n_head)
-        shapes = {"attn_q": (hp.n_embd, hp.n_embd), "attn_k": (kv, hp.n_embd), "attn_v": (kv, hp.n_embd),
-                  "attn_output": (hp.n_embd, hp.n_embd), "ffn_gate": (hp.n_ff, hp.n_embd),
-                  "ffn_up": (hp.n_ff, hp.n_embd), "ffn_down": (hp.n_embd, hp.n_ff)}
-        sizes = {"attn_norm": hp.n_embd, "ffn_norm": hp.n_embd, "attn_sub_norm": hp.n_embd, "ffn_sub_norm": hp.n_ff}
+        shapes, sizes = hp.projection_shapes(), hp.norm_sizes()
         for i in range(hp.n_layer):
             done: set[str] = set()
             for hf, gguf_name in NORMS.items():
@@ -524,13 +505,8 @@ def convert(src: str | os.PathLike[str], out: str | os.PathLike[str], weight_typ
         writer.add("general.architecture", hp.arch)
         writer.add("general.name", name or os.path.basename(os.path.normpath(src)))
         writer.add("general.quantization_version", 2)
-        for key, value in (("vocab_size", hp.n_vocab), ("context_length", hp.n_ctx),
-                           ("embedding_length", hp.n_embd), ("block_count", hp.n_layer),
-                           ("feed_forward_length", hp.n_ff), ("rope.dimension_count", hp.n_embd // hp.n_head),
-                           ("attention.head_count", hp.n_head), ("attention.head_count_kv", hp.n_head_kv)):
-            writer.add(f"{hp.arch}.{key}", int(value))
-        writer.add(f"{hp.arch}.attention.layer_norm_rms_epsilon", hp.eps, F32)
-        writer.add(f"{hp.arch}.rope.freq_base", hp.rope_base, F32)
+        for key, value in hp.metadata():
+            writer.add(key, value)
         for key, value, vtype, elem_type in tokenizer_entries:
             writer.add(key, value, vtype, elem_type)
         count = 0

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import quants
 from .gguf_writer import GGUFWriter
+from .transformer import ARCHITECTURES, Config
 
 # Every byte whose four 2-bit fields are valid I2_S codes (0, 1 or 2; 3 never occurs).
 _VALID_I2S_BYTES = np.array([b for b in range(256) if all((b >> s) & 3 != 3 for s in (0, 2, 4, 6))], np.uint8)
@@ -97,15 +98,13 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
     rng = np.random.default_rng(seed)
     path = os.fspath(path)
     w = GGUFWriter(path)
+    config = Config(arch=arch, n_vocab=dims.n_vocab, n_embd=dims.n_embd, n_layer=dims.n_layer, n_head=dims.n_head,
+                    n_head_kv=dims.n_head_kv, head_dim=dims.n_embd // dims.n_head, n_ff=dims.n_ff, n_ctx=dims.n_ctx,
+                    rope_base=dims.rope_base, eps=1e-5, activation=ARCHITECTURES.get(arch, "relu2"))
     w.add("general.architecture", arch)
     w.add("general.name", f"random-{arch}-{dims.n_embd}x{dims.n_layer}")
-    for key, value in (("vocab_size", dims.n_vocab), ("context_length", dims.n_ctx),
-                       ("embedding_length", dims.n_embd), ("block_count", dims.n_layer),
-                       ("feed_forward_length", dims.n_ff), ("rope.dimension_count", dims.n_embd // dims.n_head),
-                       ("attention.head_count", dims.n_head), ("attention.head_count_kv", dims.n_head_kv)):
-        w.add(f"{arch}.{key}", int(value))
-    w.add(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add(f"{arch}.rope.freq_base", float(dims.rope_base))
+    for key, value in config.metadata():
+        w.add(key, value)
     tokens, token_type = byte_vocab(dims.n_vocab)
     w.add("tokenizer.ggml.model", "gpt2")
     w.add("tokenizer.ggml.pre", "llama-bpe")
@@ -120,13 +119,9 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
     w.add_array("token_embd.weight", embd)
     del embd
     w.add_array("output_norm.weight", rng.uniform(0.5, 1.5, dims.n_embd).astype(np.float32))
-    kv = dims.n_embd // dims.n_head * dims.n_head_kv
-    shapes = {"attn_q": (dims.n_embd, dims.n_embd), "attn_k": (kv, dims.n_embd), "attn_v": (kv, dims.n_embd),
-              "attn_output": (dims.n_embd, dims.n_embd), "ffn_gate": (dims.n_ff, dims.n_embd),
-              "ffn_up": (dims.n_ff, dims.n_embd), "ffn_down": (dims.n_embd, dims.n_ff)}
+    shapes = config.projection_shapes()
     for i in range(dims.n_layer):
-        for norm, size in (("attn_norm", dims.n_embd), ("attn_sub_norm", dims.n_embd),
-                           ("ffn_norm", dims.n_embd), ("ffn_sub_norm", dims.n_ff)):
+        for norm, size in config.norm_sizes().items():
             w.add_array(f"blk.{i}.{norm}.weight", rng.uniform(0.5, 1.5, size).astype(np.float32))
         for name, (m, k) in shapes.items():
             # like a trained model: outputs of order one for inputs of order one (2/3 of codes are ±1)

@@ -99,6 +99,28 @@ class Config:
                         "pass activation='relu2' if this is BitNet-b1.58-2B-4T", gguf.path)
         return config
 
+    def metadata(self) -> list[tuple[str, int | float]]:
+        """The GGUF keys `from_gguf` reads, for writers (convert, random models); floats are float32."""
+        a = self.arch
+        return [(f"{a}.vocab_size", self.n_vocab), (f"{a}.context_length", self.n_ctx),
+                (f"{a}.embedding_length", self.n_embd), (f"{a}.block_count", self.n_layer),
+                (f"{a}.feed_forward_length", self.n_ff), (f"{a}.rope.dimension_count", self.head_dim),
+                (f"{a}.attention.head_count", self.n_head), (f"{a}.attention.head_count_kv", self.n_head_kv),
+                (f"{a}.attention.layer_norm_rms_epsilon", float(self.eps)),
+                (f"{a}.rope.freq_base", float(self.rope_base))]
+
+    def projection_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of every ternary projection of a block."""
+        kv = self.n_head_kv * self.head_dim
+        return {"attn_q": (self.n_embd, self.n_embd), "attn_k": (kv, self.n_embd), "attn_v": (kv, self.n_embd),
+                "attn_output": (self.n_embd, self.n_embd), "ffn_gate": (self.n_ff, self.n_embd),
+                "ffn_up": (self.n_ff, self.n_embd), "ffn_down": (self.n_embd, self.n_ff)}
+
+    def norm_sizes(self) -> dict[str, int]:
+        """Length of every norm vector of a block."""
+        return {"attn_norm": self.n_embd, "attn_sub_norm": self.n_embd, "ffn_norm": self.n_embd,
+                "ffn_sub_norm": self.n_ff}
+
 
 @dataclass
 class Layer:
@@ -214,10 +236,7 @@ class Transformer:
 
     def _layer(self, gguf: GGUFFile, i: int) -> Layer:
         cfg = self.config
-        kv = cfg.n_head_kv * cfg.head_dim
-        shapes = {"attn_q": (cfg.n_embd, cfg.n_embd), "attn_k": (kv, cfg.n_embd), "attn_v": (kv, cfg.n_embd),
-                  "attn_output": (cfg.n_embd, cfg.n_embd), "ffn_gate": (cfg.n_ff, cfg.n_embd),
-                  "ffn_up": (cfg.n_ff, cfg.n_embd), "ffn_down": (cfg.n_embd, cfg.n_ff)}
+        shapes = cfg.projection_shapes()
         proj, scale, out_scale = {}, {}, {}
         for p in PROJECTIONS:
             w = load_ternary(gguf, f"blk.{i}.{p}.weight")
@@ -227,13 +246,8 @@ class Transformer:
             scale[p] = np.float32(w.scale)
             if f"blk.{i}.{p}.scale" in gguf.tensors:
                 out_scale[p] = np.float32(self._vector(gguf, f"blk.{i}.{p}.scale", 1)[0])
-        return Layer(
-            attn_norm=self._vector(gguf, f"blk.{i}.attn_norm.weight", cfg.n_embd),
-            attn_sub_norm=self._vector(gguf, f"blk.{i}.attn_sub_norm.weight", cfg.n_embd),
-            ffn_norm=self._vector(gguf, f"blk.{i}.ffn_norm.weight", cfg.n_embd),
-            ffn_sub_norm=self._vector(gguf, f"blk.{i}.ffn_sub_norm.weight", cfg.n_ff),
-            proj=proj, scale=scale, out_scale=out_scale,
-        )
+        norms = {name: self._vector(gguf, f"blk.{i}.{name}.weight", size) for name, size in cfg.norm_sizes().items()}
+        return Layer(**norms, proj=proj, scale=scale, out_scale=out_scale)
 
     def _rope_frequencies(self) -> np.ndarray:
         d, base = self.config.head_dim, self.config.rope_base
