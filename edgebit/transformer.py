@@ -250,15 +250,8 @@ class Transformer:
         return Layer(**norms, proj=proj, scale=scale, out_scale=out_scale)
 
     def _rope_frequencies(self) -> np.ndarray:
+        """θ_i = base^(-2i/d) in float32 (HF's inv_freq)."""
         d, base = self.config.head_dim, self.config.rope_base
-        if self.numerics == "ggml":  # theta_{i+1} = theta_i · base^(-2/d), repeated in float32
-            step = np.float32(base) ** np.float32(-2.0 / d)
-            inv = np.empty(d // 2, dtype=np.float32)
-            theta = np.float32(1.0)
-            for i in range(d // 2):
-                inv[i] = theta
-                theta = np.float32(theta * step)
-            return inv
         return (1.0 / (np.float32(base) ** (np.arange(0, d, 2, dtype=np.float32) / np.float32(d)))).astype(np.float32)
 
     # --- building blocks
@@ -288,7 +281,15 @@ class Transformer:
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i."""
-        angles = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]  # (T, d/2)
+        if self.numerics == "ggml":  # ggml's rope cache: angle = pos, then ·= base^(-2/d) per pair, in float32
+            step = np.float32(self.config.rope_base) ** np.float32(-2.0 / self.config.head_dim)
+            angles = np.empty((len(positions), self.config.head_dim // 2), dtype=np.float32)
+            theta = np.asarray(positions, dtype=np.float32)
+            for i in range(angles.shape[1]):
+                angles[:, i] = theta
+                theta = theta * step
+        else:
+            angles = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]  # (T, d/2)
         cos, sin = np.cos(angles), np.sin(angles)
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
