@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 def load(path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
          kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
-         progress: Callable[[int, int], None] | None = None):
+         progress: Callable[[int, int], None] | None = None, lm_head: str | None = None):
     """Open a BitNet GGUF file and prepare it for inference.
 
     backend: a ternary kernel name (see `edgebit backends`); None picks one for this machine.
@@ -24,11 +24,12 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
     numerics: "reference" (plain float32, the model's math) or "ggml" (bitnet.cpp's f16 roundings).
     activation: override the FFN activation ("relu2" or "silu") for mislabelled files.
     progress: called as progress(layers_done, layers_total) while the weights are prepared.
+    lm_head: "float32" or "float16" (exact), "int8" (approximate, opt-in); None: float32 if it fits.
     """
     from .engine import Model
 
     return Model(path, backend=backend, threads=threads, kv_dtype=kv_dtype, numerics=numerics,
-                 activation=activation, progress=progress)
+                 activation=activation, progress=progress, lm_head=lm_head)
 
 
 def load_tokenizer(path: str | os.PathLike[str]):

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 
 from .backends import get_backend
+from .backends.lm_head import LMHead
+from .backends.select import model_shapes
 from .chat import format_chat
 from .classify import LabelScorer, default_template
 from .gguf import GGUFFile
@@ -90,12 +92,14 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
                  kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, lm_head: str | None = None) -> None:
         self.path = os.fspath(path)
         self.gguf = GGUFFile(self.path)
-        self.backend = get_backend(backend, threads)
+        embd = self.gguf.tensors.get("token_embd.weight")
+        head_bytes = LMHead.resident_bytes("float16", embd.shape) if embd is not None and len(embd.shape) == 2 else 0
+        self.backend = get_backend(backend, threads, shapes=model_shapes(self.gguf), extra_bytes=head_bytes)
         self.transformer = Transformer(self.gguf, self.backend, numerics=numerics, activation=activation,
-                                       progress=progress)
+                                       progress=progress, lm_head=lm_head)
         self.tokenizer = Tokenizer.from_metadata(self.gguf.metadata, source=self.path)
         self.kv_dtype = kv_dtype
         self.transformer.new_cache(kv_dtype)  # validates kv_dtype now rather than at first use
@@ -129,6 +133,8 @@ class Model:
             "parameters": n_params,
             "file_bytes": self.gguf.size,
             "backend": self.backend.name,
+            "threads": self.backend.threads,
+            "lm_head": self.transformer.lm_head.mode,
             "numerics": self.transformer.numerics,
             "kv_dtype": self.kv_dtype,
         }

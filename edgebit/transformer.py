@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend
+from .backends.lm_head import LMHead
+from .backends.select import choose_lm_head, model_shapes
 from .gguf import GGUFError, GGUFFile
 from .quants import dequantize
 from .weights import load_ternary
@@ -189,8 +191,13 @@ class Transformer:
     """Weights plus the forward pass. Stateless between calls: all state lives in a `KVCache`."""
 
     def __init__(self, gguf: GGUFFile, backend: Backend, numerics: str = "reference",
-                 activation: str | None = None, progress: Callable[[int, int], None] | None = None) -> None:
-        """Read and prepare every weight; `progress(done, total)` is called after each layer."""
+                 activation: str | None = None, progress: Callable[[int, int], None] | None = None,
+                 lm_head: str | None = None) -> None:
+        """Read and prepare every weight; `progress(done, total)` is called after each layer.
+
+        lm_head: resident form of the tied head, "float32" or "float16" (both exact) or "int8"
+        (approximate, opt-in); None chooses float32 when it fits in memory, else float16.
+        """
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, not {numerics!r}")
         self.config = cfg = Config.from_gguf(gguf, activation)
@@ -198,7 +205,8 @@ class Transformer:
         self.numerics = numerics
         self._check_tensors(gguf)
         self.token_embd = self._embedding(gguf)  # (n_vocab, n_embd), f16 view or float32
-        self.lm_head = self.token_embd.astype(np.float32)  # tied head, float32 for exact products
+        mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), self.token_embd.shape)
+        self.lm_head = LMHead(self.token_embd, mode, backend.threads)  # tied to token_embd
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
         self.layers = []
         for i in range(cfg.n_layer):
@@ -387,4 +395,4 @@ class Transformer:
         x = self.rmsnorm(hidden, self.output_norm)
         if self.numerics == "ggml" and x.shape[0] == 1:
             x = _f16_round(x)  # ggml rounds a single row to f16 before an f16 mat-vec
-        return x @ self.lm_head.T
+        return self.lm_head(x)

@@ -163,3 +163,14 @@ def test_load_reports_progress_per_layer(tiny_model: Path) -> None:
     seen: list[tuple[int, int]] = []
     edgebit.load(tiny_model, progress=lambda done, total: seen.append((done, total)))
     assert seen == [(1, 2), (2, 2)]
+
+
+def test_lm_head_forms(tiny_model: Path) -> None:
+    """float16 and float32 heads are exact (identical logits); int8 is an opt-in approximation."""
+    ids = [509, 1, 2, 3, 4]
+    f32 = edgebit.load(tiny_model, lm_head="float32", backend="reference").logits(ids)
+    f16 = edgebit.load(tiny_model, lm_head="float16", backend="reference")
+    assert f16.info["lm_head"] == "float16"
+    np.testing.assert_array_equal(f16.logits(ids), f32)
+    i8 = edgebit.load(tiny_model, lm_head="int8", backend="reference").logits(ids)
+    assert 0 < np.abs(i8 - f32).max() < 0.05 * (f32.max() - f32.min())

@@ -1,7 +1,11 @@
 """Ternary kernels, found through the `edgebit.backends` entry-point group.
 
 A third-party package ships a faster kernel by subclassing `Backend` and declaring
-`[project.entry-points."edgebit.backends"] myname = "mypkg.module:MyBackend"`.
+`[project.entry-points."edgebit.backends"] myname = "mypkg.module:MyBackend"`. Built in:
+`float32` (4 bytes/weight, fastest with plenty of memory), `dense` (int8, 1 byte/weight),
+`packed` (the file's 2-bit codes, for small memory), `lut` (base-3 codes and lookup tables, the
+smallest form) and `reference`. Without a name, `get_backend` chooses for this machine
+(`select.choose_backend`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,13 @@ from .base import Backend
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "edgebit.backends"
-_BUILTIN = {"reference": "edgebit.backends.reference:ReferenceBackend"}
+_BUILTIN = {
+    "reference": "edgebit.backends.reference:ReferenceBackend",
+    "dense": "edgebit.backends.dense:DenseBackend",
+    "packed": "edgebit.backends.packed:PackedBackend",
+    "lut": "edgebit.backends.lut:LUTBackend",
+    "float32": "edgebit.backends.float32:Float32Backend",
+}
 
 
 def available_backends() -> dict[str, type[Backend]]:
@@ -39,10 +49,18 @@ def available_backends() -> dict[str, type[Backend]]:
     return found
 
 
-def get_backend(name: str | None = None, threads: int | None = None) -> Backend:
-    """Instantiate a backend by name (`None`: `EDGEBIT_BACKEND`, else the default)."""
-    name = name or os.environ.get("EDGEBIT_BACKEND") or "reference"
+def get_backend(name: str | None = None, threads: int | None = None,
+                shapes: list[tuple[int, int]] | None = None, extra_bytes: int = 0) -> Backend:
+    """Instantiate a backend by name; `None` (or "auto"): `EDGEBIT_BACKEND`, else the automatic choice
+    for this machine and a model with ternary weights of `shapes` plus `extra_bytes` of other memory."""
+    name = name or os.environ.get("EDGEBIT_BACKEND") or "auto"
     backends = available_backends()
+    if name == "auto":
+        from .select import choose_backend
+
+        choice = choose_backend(shapes or [], threads, extra_bytes, backends=backends)
+        log.info("backend %r: %s", choice.backend, choice.reason)
+        name = choice.backend
     if name not in backends:
         raise ValueError(f"unknown backend {name!r}; installed backends: {', '.join(sorted(backends))}")
     cls = backends[name]

@@ -72,18 +72,41 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str, frozenset[str]]:
     return model or platform.processor(), flags
 
 
-def _cgroup_headroom() -> int | None:
-    """Bytes left under a cgroup v2 memory limit (containers), or None if there is no limit."""
+def _read_int(path: str) -> int | None:
     try:
-        with open("/sys/fs/cgroup/memory.max", encoding="ascii") as fh:
-            limit = fh.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current", encoding="ascii") as fh:
-            used = int(fh.read().strip())
-        return max(int(limit) - used, 0)
-    except (OSError, ValueError):
+        with open(path, encoding="ascii") as fh:
+            text = fh.read().strip()
+    except OSError:
         return None
+    return int(text) if text.isdigit() else None
+
+
+def cgroup_headroom(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """Bytes left under this process's cgroup memory limit (containers), or None without a limit.
+
+    cgroup v2 ("0::/path": memory.max, memory.current) and v1 ("N:memory:/path":
+    memory.limit_in_bytes, memory.usage_in_bytes; "no limit" is a huge number) are both read.
+    """
+    try:
+        with open(proc_cgroup, encoding="utf-8") as fh:
+            lines = [line.strip().split(":", 2) for line in fh if line.count(":") >= 2]
+    except OSError:
+        return None
+    for _, controllers, path in lines:
+        if controllers == "memory":
+            limit = _read_int(f"{root}/memory{path}/memory.limit_in_bytes")
+            used = _read_int(f"{root}/memory{path}/memory.usage_in_bytes")
+        elif controllers == "":
+            bases = [f"{root}{sub}{path}" for sub in ("", "/unified")]
+            base = next((b for b in bases if os.path.exists(f"{b}/memory.max")), None)
+            if base is None:
+                continue
+            limit, used = _read_int(f"{base}/memory.max"), _read_int(f"{base}/memory.current")
+        else:
+            continue
+        if limit is not None and used is not None and limit < 2**60:
+            return max(limit - used, 0)
+    return None
 
 
 def available_cpus() -> int:
@@ -99,7 +122,7 @@ def detect() -> Machine:
     model, flags = read_cpuinfo()
     mem = read_meminfo()
     available = mem.get("MemAvailable")
-    headroom = _cgroup_headroom()
+    headroom = cgroup_headroom()
     if headroom is not None:
         available = headroom if available is None else min(available, headroom)
     return Machine(arch=platform.machine().lower(), cpu_model=model, features=flags, cpus=available_cpus(),

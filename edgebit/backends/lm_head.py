@@ -1,0 +1,146 @@
+"""The tied LM head (logits = x · Eᵀ over the whole vocabulary) in a resident form chosen for the machine.
+
+It reads 328 M embedding values per generated token on the 2B4T, more than any single ternary
+matrix, so its form matters as much as the kernels'. numpy's own float16 → float32 cast costs
+~2–5 ns per value, too slow to use per token, but the conversion is exact with integer ops:
+sign-extend the 16 bits to 32, shift left by 13 and keep the sign and the 15 exponent-and-mantissa
+bits — that is the float32 pattern of E·2^-112 (f16 subnormals included), so multiplying x by
+2^112 instead gives the float32 product with no float pass over E at all.
+
+Modes:
+  float16  exact; resident = the f16 embedding itself (memory-mapped, 2 bytes/value); tiles are
+           converted in per-core scratch and multiplied with BLAS. Wins when memory bandwidth is
+           the limit (it reads half the bytes of float32).
+  float32  exact; a float32 copy (4 bytes/value), plain BLAS; built at load with the same trick.
+  int8     approximate, opt-in only: per-row absmax int8 (1 byte/value); logits differ slightly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .memory import release_file_pages
+from .threads import Workers
+
+MODES = ("float16", "float32", "int8")
+TILE = 128 * 1024  # embedding values per converted tile (512 KB of float32 scratch)
+MIN_SPLIT = 1 << 22  # values per lane below which the head is not split (small products stay one BLAS call)
+_KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
+_UNSCALE = np.float32(2.0**112)
+_SAFE_X = 2.0**15  # |x|·2^112 stays finite below this
+
+
+def _f16_bits_to_scaled_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """f16 values (int16 view) → their float32 value × 2^-112, exactly, as int32 bits in `out`."""
+    np.left_shift(src, 13, out=out, dtype=np.int32)  # int16 → int32 sign-extends first
+    np.bitwise_and(out, _KEEP, out=out)
+    return out
+
+
+def f16_to_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Exact float16 → float32 conversion into `out` (same shape), several times faster than astype."""
+    bits = out.view(np.int32)
+    _f16_bits_to_scaled_f32(src.view(np.int16), bits)
+    np.multiply(out, _UNSCALE, out=out)
+    return out
+
+
+class LMHead:
+    """logits = x · Eᵀ for a (vocab, dim) embedding E (float16 or float32), split over the cores."""
+
+    def __init__(self, embedding: np.ndarray, mode: str = "float16", threads: int | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"LM head mode must be one of {MODES}, not {mode!r}")
+        if embedding.ndim != 2 or embedding.dtype not in (np.float16, np.float32):
+            raise ValueError(f"the embedding must be a 2-D float16 or float32 array, got {embedding.dtype} "
+                             f"{embedding.shape}")
+        if mode == "float16" and embedding.dtype == np.float32:
+            mode = "float32"  # rounding a float32 embedding to f16 would change the logits
+        self.mode = mode
+        self.shape = embedding.shape
+        self.workers = Workers(threads)
+        self._scratch: dict[int, np.ndarray] = {}
+        self.row_scale: np.ndarray | None = None
+        if mode == "float16":
+            self.weight = embedding.view(np.int16)
+        elif mode == "float32":
+            self.weight = embedding if embedding.dtype == np.float32 else self._convert(embedding)
+        else:
+            self.weight, self.row_scale = self._quantize(embedding)
+
+    @staticmethod
+    def resident_bytes(mode: str, shape: tuple[int, int]) -> int:
+        """Memory the head keeps for a (vocab, dim) embedding in `mode` (float16: the file's own pages)."""
+        vocab, dim = shape
+        return vocab * dim * {"float16": 2, "float32": 4, "int8": 1}[mode] + (4 * vocab if mode == "int8" else 0)
+
+    def _tiles(self, fn, rows: int | None = None) -> None:
+        """Run fn(lane, start, stop) over row tiles of the vocabulary on all lanes."""
+        vocab, dim = self.shape
+        step = rows or max(TILE // dim, 1)
+
+        def lane(index: int, start: int, stop: int) -> None:
+            for r in range(start, stop, step):
+                fn(index, r, min(r + step, stop))
+
+        self.workers.run(lane, vocab, min_rows=max(MIN_SPLIT // dim, 1))
+
+    def _lane_buffer(self, lane: int, size: int) -> np.ndarray:
+        buf = self._scratch.get(lane)
+        if buf is None or buf.size < size:
+            buf = self._scratch[lane] = np.empty(size, dtype=np.float32)
+        return buf[:size]
+
+    def _convert(self, embedding: np.ndarray) -> np.ndarray:
+        """float32 copy of an f16 embedding, giving back the file pages as it goes."""
+        out = np.empty(self.shape, dtype=np.float32)
+
+        def convert(lane: int, start: int, stop: int) -> None:
+            f16_to_f32(embedding[start:stop], out[start:stop])
+            release_file_pages(embedding[start:stop])
+
+        self._tiles(convert, rows=max((1 << 22) // self.shape[1], 1))
+        return out
+
+    def _quantize(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-row absmax int8 codes and scales (the approximate mode)."""
+        codes = np.empty(self.shape, dtype=np.int8)
+        scale = np.empty(self.shape[0], dtype=np.float32)
+
+        def quantize(lane: int, start: int, stop: int) -> None:
+            rows = embedding[start:stop].astype(np.float32)
+            s = np.abs(rows).max(axis=1) / np.float32(127)
+            s[s == 0] = 1
+            scale[start:stop] = s
+            np.rint(rows / s[:, None], out=rows)
+            codes[start:stop] = rows
+            release_file_pages(embedding[start:stop])
+
+        self._tiles(quantize, rows=max((1 << 20) // self.shape[1], 1))
+        return codes, scale
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """float32 logits (T, vocab) of float32 rows x (T, dim)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        if self.mode == "float32":
+            self._tiles(lambda lane, a, b: np.matmul(x, self.weight[a:b].T, out=out[:, a:b]), rows=1 << 30)
+            return out
+        scaled = self.mode == "float16" and float(np.abs(x).max(initial=0)) < _SAFE_X
+        xs = x * _UNSCALE if scaled else x
+        dim = self.shape[1]
+
+        def tile(lane: int, a: int, b: int) -> None:
+            buf = self._lane_buffer(lane, (b - a) * dim).reshape(b - a, dim)
+            if self.mode == "int8":
+                np.copyto(buf, self.weight[a:b], casting="unsafe")
+            elif scaled:
+                _f16_bits_to_scaled_f32(self.weight[a:b], buf.view(np.int32))
+            else:
+                f16_to_f32(self.weight[a:b], buf)
+            np.matmul(xs, buf.T, out=out[:, a:b])
+
+        self._tiles(tile)
+        if self.row_scale is not None:
+            out *= self.row_scale
+        return out
