@@ -19,7 +19,7 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.lm_head import LMHead
-from .backends.select import model_shapes
+from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
 from .classify import LabelScorer, default_template
 from .gguf import GGUFFile
@@ -95,8 +95,7 @@ class Model:
                  progress: Callable[[int, int], None] | None = None, lm_head: str | None = None) -> None:
         self.path = os.fspath(path)
         self.gguf = GGUFFile(self.path)
-        embd = self.gguf.tensors.get("token_embd.weight")
-        head_bytes = LMHead.resident_bytes("float16", embd.shape) if embd is not None and len(embd.shape) == 2 else 0
+        head_bytes = LMHead.resident_bytes("float16", embedding_shape(self.gguf))
         self.backend = get_backend(backend, threads, shapes=model_shapes(self.gguf), extra_bytes=head_bytes)
         self.transformer = Transformer(self.gguf, self.backend, numerics=numerics, activation=activation,
                                        progress=progress, lm_head=lm_head)

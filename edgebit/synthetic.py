@@ -90,6 +90,19 @@ def byte_merges(n_vocab: int) -> list[str]:
     return [f"{a} {b}" for a, b in _pairs(len(present)) if a + b in present]
 
 
+def write_byte_tokenizer(w: GGUFWriter, n_vocab: int) -> None:
+    """Add the `tokenizer.ggml.*` keys of `byte_vocab(n_vocab)` (LLaMA-3 split, BOS added)."""
+    tokens, token_type = byte_vocab(n_vocab)
+    w.add("tokenizer.ggml.model", "gpt2")
+    w.add("tokenizer.ggml.pre", "llama-bpe")
+    w.add("tokenizer.ggml.tokens", tokens)
+    w.add("tokenizer.ggml.token_type", token_type)
+    w.add("tokenizer.ggml.merges", byte_merges(n_vocab), elem_type=8)
+    w.add("tokenizer.ggml.bos_token_id", tokens.index(BOS))
+    w.add("tokenizer.ggml.eos_token_id", tokens.index(EOS))
+    w.add("tokenizer.ggml.add_bos_token", True)
+
+
 def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny", arch: str = "bitnet-b1.58",
                        weight_type: str = "I2_S", seed: int = 0, **overrides: int | float) -> str:
     """Write a random model; `overrides` replace fields of the shape (e.g. n_layer=2). Returns the path."""
@@ -105,15 +118,7 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
     w.add("general.name", f"random-{arch}-{dims.n_embd}x{dims.n_layer}")
     for key, value in config.metadata():
         w.add(key, value)
-    tokens, token_type = byte_vocab(dims.n_vocab)
-    w.add("tokenizer.ggml.model", "gpt2")
-    w.add("tokenizer.ggml.pre", "llama-bpe")
-    w.add("tokenizer.ggml.tokens", tokens)
-    w.add("tokenizer.ggml.token_type", token_type)
-    w.add("tokenizer.ggml.merges", byte_merges(dims.n_vocab), elem_type=8)
-    w.add("tokenizer.ggml.bos_token_id", tokens.index(BOS))
-    w.add("tokenizer.ggml.eos_token_id", tokens.index(EOS))
-    w.add("tokenizer.ggml.add_bos_token", True)
+    write_byte_tokenizer(w, dims.n_vocab)
 
     embd = (rng.standard_normal((dims.n_vocab, dims.n_embd), dtype=np.float32) * 0.05).astype(np.float16)
     w.add_array("token_embd.weight", embd)

@@ -29,7 +29,7 @@ from transformers.integrations.bitnet import AutoBitLinear, WeightQuant
 
 from edgebit import quants
 from edgebit.gguf_writer import GGUFWriter
-from edgebit.synthetic import BOS, EOS, byte_merges, byte_vocab
+from edgebit.synthetic import BOS, EOS, byte_vocab, write_byte_tokenizer
 
 ARCH = "bitnet-b1.58"
 QUANTIZATION = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
@@ -151,15 +151,7 @@ def write_gguf(model: BitNetForCausalLM, shape: OracleShape, path: str | os.Path
         w.add(f"{ARCH}.{key}", int(value))
     w.add(f"{ARCH}.attention.layer_norm_rms_epsilon", float(shape.eps))
     w.add(f"{ARCH}.rope.freq_base", float(shape.rope_base))
-    tokens, token_type = byte_vocab(shape.n_vocab)
-    w.add("tokenizer.ggml.model", "gpt2")
-    w.add("tokenizer.ggml.pre", "llama-bpe")
-    w.add("tokenizer.ggml.tokens", tokens)
-    w.add("tokenizer.ggml.token_type", token_type)
-    w.add("tokenizer.ggml.merges", byte_merges(shape.n_vocab), elem_type=8)
-    w.add("tokenizer.ggml.bos_token_id", tokens.index(BOS))
-    w.add("tokenizer.ggml.eos_token_id", tokens.index(EOS))
-    w.add("tokenizer.ggml.add_bos_token", True)
+    write_byte_tokenizer(w, shape.n_vocab)
 
     embd = model.model.embed_tokens.weight.detach().numpy()
     embd16 = embd.astype(np.float16)

@@ -53,6 +53,12 @@ def model_shapes(gguf: GGUFFile) -> list[tuple[int, int]]:
     return shapes
 
 
+def embedding_shape(gguf: GGUFFile) -> tuple[int, int]:
+    """(vocab, dim) of the tied embedding / LM head, (0, 0) if the file has none (the loader reports that)."""
+    info = gguf.tensors.get("token_embd.weight")
+    return (int(info.shape[0]), int(info.shape[1])) if info is not None and len(info.shape) == 2 else (0, 0)
+
+
 def projection_shapes(n_layer: int, n_embd: int, n_kv: int, n_ff: int) -> list[tuple[int, int]]:
     """(M, K) of every ternary projection of a BitNet model with these dimensions (n_kv = KV width)."""
     layer = [(n_embd, n_embd), (n_kv, n_embd), (n_kv, n_embd), (n_embd, n_embd),

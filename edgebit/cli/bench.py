@@ -10,7 +10,7 @@ from .. import bench as benchmark
 from ..backends import available_backends
 from ..backends.lm_head import MODES, LMHead
 from ..backends.machine import detect
-from ..backends.select import choose_backend, footprint, model_shapes, projection_shapes
+from ..backends.select import choose_backend, embedding_shape, footprint, model_shapes, projection_shapes
 from ..gguf import GGUFFile
 from ..synthetic import SHAPES
 from . import main
@@ -94,14 +94,13 @@ def backends(model: str | None, model_opt: str | None, shape: str | None, thread
     extra = 0
     if path is not None:
         with GGUFFile(path) as gguf:
-            shapes = model_shapes(gguf)
-            embd = gguf.tensors["token_embd.weight"].shape
+            shapes, embd = model_shapes(gguf), embedding_shape(gguf)
     elif shape is not None:
         dims = SHAPES[shape]
         shapes = projection_shapes(dims.n_layer, dims.n_embd, dims.n_embd // dims.n_head * dims.n_head_kv, dims.n_ff)
         embd = (dims.n_vocab, dims.n_embd)
     if shapes:
-        extra = LMHead.resident_bytes("float16", (int(embd[0]), int(embd[1])))
+        extra = LMHead.resident_bytes("float16", embd)
     machine = detect()
     installed = available_backends()
     rows = []
