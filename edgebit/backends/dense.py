@@ -1,10 +1,11 @@
-"""The fast backend when memory allows: int8 codes resident, cast to float32 a cache-sized tile at a time.
+"""The backend for moderate memory: int8 codes resident, cast to float32 a cache-sized tile at a time.
 
-One byte per weight (2.1 GB for the 2B4T) instead of four: on a machine whose memory bus, not
-its arithmetic, limits a matrix-vector product, float32-resident weights are no faster (measured
-in benchmarks/RESULTS.md), and int8 leaves room for the LM head. The codes are stored in the I2_S
-plane-major column order (`i2s.decode_rows`) so loading is a few shifts per row; the activations
-are permuted to match once per call. The pages of the file are released after decoding.
+One byte per weight (2.1 GB for the 2B4T) instead of four: with the LM head it fits a 4 GB
+machine, where float32-resident weights (`float32`, 8.4 GB) do not. Per call, each tile of rows
+is cast into a scratch buffer that stays in L2 and multiplied there with BLAS (benchmarks/RESULTS.md
+has the costs). The codes are stored in the I2_S plane-major column order (`i2s.decode_rows`) so
+loading is a few bit operations per row; the activations are permuted to match once per call.
+The pages of the file are released after decoding.
 """
 
 from __future__ import annotations
