@@ -106,8 +106,8 @@ def load_ternary(gguf: GGUFFile, name: str) -> TernaryWeight:
                 "%s: tensor %r (%s) is not ternary (max deviation %.3g of scale %.3g); rounding it to "
                 "{-1,0,+1} × %.3g as BitNet does", gguf.path, name, tname, err, scale, scale,
             )
-            codes = np.clip(np.rint(values / np.float32(max(np.abs(values).mean(), 1e-5))), -1, 1).astype(np.int8)
-            scale = float(max(np.abs(values).mean(), 1e-5))
+            scale = float(max(np.abs(values).mean(), 1e-5))  # BitNet's absmean β
+            codes = np.clip(np.rint(values / np.float32(scale)), -1, 1).astype(np.int8)
         return TernaryWeight(name, shape, scale, tname, raw, codes.reshape(shape))
     raise GGUFError(
         f"{gguf.path}: tensor {name!r} is {tname}; a BitNet projection must be I2_S, TQ1_0, TQ2_0 or a "
