@@ -8,9 +8,10 @@
     logits = (rmsnorm(h)·output_norm) @ token_embdᵀ
 
 The architectures differ only in data (`Config`): FFN activation (relu² for `bitnet-b1.58`,
-SiLU for `bitnet`), RoPE base, optional per-projection output scales. The ternary product is one
-call, `backend.matmul(weight, x_q)`. `numerics="ggml"` adds the reference C++ tool's f16
-rounding points (reference-models README, "Numerics"); the default is plain float32.
+SiLU for `bitnet`), RoPE base, optional per-projection output scales. The ternary products are
+one call per group of projections that share an input, `backend.matmul_group(weights, x_q)`.
+`numerics="ggml"` adds the reference C++ tool's f16 rounding points (reference-models README,
+"Numerics"); the default is plain float32.
 """
 
 from __future__ import annotations
@@ -277,15 +278,20 @@ class Transformer:
         """Per-token absmax int8 (spec §4.2): γ = 127/max(|x|, 1e-5), x_q = clamp(rint(x·γ), -128, 127)."""
         amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True).astype(np.float64), 1e-5)
         gamma = (127.0 / amax).astype(np.float32)
-        xq = np.clip(np.rint(x * gamma), -128, 127).astype(np.int8)
-        return xq, gamma
+        scaled = x * gamma  # |x·γ| ≤ 127 (+ rounding), so rint stays in int8 range: no clamp pass needed
+        return np.rint(scaled, out=scaled).astype(np.int8), gamma
 
-    def bitlinear(self, layer: Layer, name: str, xq: np.ndarray, gamma: np.ndarray) -> np.ndarray:
-        """y = (T · x_q) / γ · s  [· optional output scale]; the integer product comes from the backend."""
-        y = self.backend.matmul(layer.proj[name], xq) / gamma * layer.scale[name]
-        if name in layer.out_scale:
-            y *= layer.out_scale[name]
-        return y
+    def bitlinear(self, layer: Layer, names: tuple[str, ...], xq: np.ndarray, gamma: np.ndarray) -> list[np.ndarray]:
+        """y = (T · x_q) / γ · s  [· optional output scale] for each named projection of the same input;
+        the integer products come from the backend, in one call for the group."""
+        products = self.backend.matmul_group([layer.proj[name] for name in names], xq)
+        ys = []
+        for name, y in zip(names, products, strict=True):
+            y = y / gamma * layer.scale[name]
+            if name in layer.out_scale:
+                y *= layer.out_scale[name]
+            ys.append(y)
+        return ys
 
     def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
         """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i."""
@@ -370,9 +376,10 @@ class Transformer:
         for i, layer in enumerate(self.layers):
             # attention block
             xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.attn_norm))
-            q = self.bitlinear(layer, "attn_q", xq, gamma).reshape(T, cfg.n_head, cfg.head_dim).transpose(1, 0, 2)
-            k = self.bitlinear(layer, "attn_k", xq, gamma).reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
-            v = self.bitlinear(layer, "attn_v", xq, gamma).reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
+            q, k, v = self.bitlinear(layer, ("attn_q", "attn_k", "attn_v"), xq, gamma)
+            q = q.reshape(T, cfg.n_head, cfg.head_dim).transpose(1, 0, 2)
+            k = k.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
+            v = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
             q, k = self.rope(q, positions), self.rope(k, positions)
             cache.k[i][:, past : past + T] = k
             cache.v[i][:, past : past + T] = v
@@ -380,13 +387,12 @@ class Transformer:
             values = cache.v[i][:, : past + T].astype(np.float32, copy=False)
             o = self.attention(q, keys, values, full_mask)
             xq, gamma = self.quantize_activations(self.rmsnorm(o, layer.attn_sub_norm))
-            h = h + self.bitlinear(layer, "attn_output", xq, gamma)
+            h = h + self.bitlinear(layer, ("attn_output",), xq, gamma)[0]
             # feed-forward block
             xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.ffn_norm))
-            z = self.ffn_activation(self.bitlinear(layer, "ffn_gate", xq, gamma),
-                                    self.bitlinear(layer, "ffn_up", xq, gamma))
+            z = self.ffn_activation(*self.bitlinear(layer, ("ffn_gate", "ffn_up"), xq, gamma))
             xq, gamma = self.quantize_activations(self.rmsnorm(z, layer.ffn_sub_norm))
-            h = h + self.bitlinear(layer, "ffn_down", xq, gamma)
+            h = h + self.bitlinear(layer, ("ffn_down",), xq, gamma)[0]
         cache.length = past + T
         return h
 

@@ -109,6 +109,22 @@ def test_large_products_split_over_lanes_and_tiles() -> None:
     assert all(len(k.helper_pids) == 1 for k in kernels.values())
 
 
+@pytest.mark.parametrize("tokens", [1, 9])
+def test_group_products_equal_single_products(monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
+    """One helper request per group: weights split over 3, 2 or 1 lanes (and one kept local) in one group."""
+    monkeypatch.setattr(lanes, "MIN_SPLIT", 500)
+    rng = np.random.default_rng(5)
+    shapes = [(12, 256), (1, 256), (2, 256), (30, 256)]  # 3072 → 3 lanes, 256 → local, 512 → 2 lanes
+    codes = [rng.integers(-1, 2, size=shape, dtype=np.int8) for shape in shapes]
+    x = rng.integers(-128, 128, size=(tokens, 256), dtype=np.int8)
+    for name in ("dense", "packed", "lut"):
+        backend = KERNELS[name](threads=3)
+        prepared = [backend.prepare(_weight(c)) for c in codes]
+        assert [len(p.keys) if isinstance(p, lanes.SplitWeight) else 0 for p in prepared] == [2, 0, 1, 2]
+        for got, c in zip(backend.matmul_group(prepared, x), codes, strict=True):
+            np.testing.assert_array_equal(got, _exact(c, x))
+
+
 def test_slices_start_on_block_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lanes, "MIN_SPLIT", 0)
     backend = DenseBackend(threads=3)
@@ -124,7 +140,7 @@ def test_helper_failures_are_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     backend = DenseBackend(threads=2)
     codes = np.ones((8, 128), dtype=np.int8)
     prepared = backend.prepare(_weight(codes))
-    backend._lanes.send_matmul(0, 12345, np.ones((1, 128), dtype=np.int8))
+    backend._lanes.send_matmul(0, [12345], np.ones((1, 128), dtype=np.int8))
     with pytest.raises(RuntimeError, match="helper process .*KeyError"):
         backend._lanes.receive_matmul(0, np.empty((1, 4), dtype=np.float32))
     with pytest.raises(IndexError):  # wrong width: both lanes fail, the local error wins

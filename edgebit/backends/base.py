@@ -42,3 +42,11 @@ class Backend(ABC):
     @abstractmethod
     def matmul(self, prepared: Any, xq: np.ndarray) -> np.ndarray:
         """Exact integer products: xq int8 (T, K) → float32 (T, M) holding `xq @ T.T`."""
+
+    def matmul_group(self, prepared: list[Any], xq: np.ndarray) -> list[np.ndarray]:
+        """The products of several weights with the same activations (q/k/v, gate/up).
+
+        A backend that splits work across cores overrides this to meet its helpers once per group.
+        """
+        return [self.matmul(p, xq) for p in prepared]
+

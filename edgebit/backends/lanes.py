@@ -35,7 +35,7 @@ from .memory import release_file_pages
 from .threads import blas_threads
 
 PREPARE, MATMUL = 1, 2
-REQUEST = struct.Struct("<BIIIQf")  # op, key, rows|tokens, columns, payload bytes, scale
+REQUEST = struct.Struct("<BIIIQf")  # op, key|count of keys, rows|tokens, columns, payload bytes, scale
 REPLY = struct.Struct("<BQ")  # ok (1) / error (0), payload bytes
 MIN_SPLIT = 1 << 20  # weights below which a matrix stays in this process (helpers would only add latency)
 
@@ -114,11 +114,14 @@ class Lanes:
     def wait_prepared(self, lane: int) -> None:
         self._reply(lane)
 
-    def send_matmul(self, lane: int, key: int, xq: np.ndarray) -> None:
-        self._send(lane, REQUEST.pack(MATMUL, key, xq.shape[0], xq.shape[1], xq.nbytes, 0.0), xq)
+    def send_matmul(self, lane: int, keys: list[int], xq: np.ndarray) -> None:
+        """Ask for the products of several weights with the same input (payload: uint32 keys, then xq)."""
+        payload = np.concatenate([np.asarray(keys, dtype="<u4").view(np.uint8),
+                                  np.ascontiguousarray(xq).view(np.uint8).ravel()])
+        self._send(lane, REQUEST.pack(MATMUL, len(keys), xq.shape[0], xq.shape[1], payload.nbytes, 0.0), payload)
 
     def receive_matmul(self, lane: int, out: np.ndarray) -> None:
-        """Read a helper's product into `out` (tokens, rows) float32, C-contiguous."""
+        """Read a helper's products, each (tokens, rows) float32 C-contiguous, one after the other, into `out`."""
         self._reply(lane, out)
 
 
@@ -142,8 +145,10 @@ def serve(fd: int, name: str) -> None:
                 weights[key] = backend.prepare(TernaryWeight(f"slice{key}", (a, b), scale, "I2_S", raw))
                 reply = b""
             else:
-                xq = np.frombuffer(payload, dtype=np.int8).reshape(a, b)
-                reply = memoryview(np.ascontiguousarray(backend.matmul(weights[key], xq), dtype=np.float32)).cast("B")
+                keys = np.frombuffer(payload, dtype="<u4", count=key)
+                xq = np.frombuffer(payload, dtype=np.int8, offset=4 * key).reshape(a, b)
+                products = [np.ascontiguousarray(backend.matmul(weights[k], xq), dtype=np.float32) for k in keys]
+                reply = memoryview(np.concatenate([p.ravel() for p in products])).cast("B")
             sock.sendall(REPLY.pack(1, len(reply)))
             sock.sendall(reply)
         except Exception as exc:  # report to the caller instead of dying silently
@@ -214,33 +219,49 @@ class SplitBackend(Backend):
             keys.append(lanes.send_prepare(lane, part.i2s_bytes(), part.shape, weight.scale))
             if part.source_type == "I2_S":
                 release_file_pages(part.raw)  # the helper keeps its own copy
-        with _draining(lanes, len(keys), lanes.wait_prepared):
+        with _draining(len(keys), lanes.wait_prepared):
             local = self.prepare_local(row_slice(weight, *bounds[0]))
         return SplitWeight(local, keys, bounds)
 
     def matmul(self, prepared: Any, xq: np.ndarray) -> np.ndarray:
-        if not isinstance(prepared, SplitWeight):
-            return self.matmul_local(prepared, xq)
-        assert self._lanes is not None
-        lanes, t = self._lanes, xq.shape[0]
-        for lane, key in enumerate(prepared.keys):
-            lanes.send_matmul(lane, key, xq)
-        out = np.empty((t, prepared.bounds[-1][1]), dtype=np.float32)
+        return self.matmul_group([prepared], xq)[0]
+
+    def matmul_group(self, prepared: list[Any], xq: np.ndarray) -> list[np.ndarray]:
+        """Products of several weights with one input: one request per helper for the whole group,
+        so the lanes meet once per group instead of once per weight."""
+        t = xq.shape[0]
+        outs = [np.empty((t, p.bounds[-1][1]), dtype=np.float32) if isinstance(p, SplitWeight) else None
+                for p in prepared]
+        asked: list[list[int]] = []  # per lane: which group members it computes
+        for lane in range(len(self._lanes.pids) if self._lanes is not None else 0):
+            members = [i for i, p in enumerate(prepared) if isinstance(p, SplitWeight) and lane < len(p.keys)]
+            if not members:
+                break
+            self._lanes.send_matmul(lane, [prepared[i].keys[lane] for i in members], xq)
+            asked.append(members)
 
         def receive(lane: int) -> None:
-            a, b = prepared.bounds[lane + 1]
-            part = out[:, a:b] if t == 1 else np.empty((t, b - a), dtype=np.float32)
-            lanes.receive_matmul(lane, part)
-            out[:, a:b] = part
+            members = asked[lane]
+            spans = [prepared[i].bounds[lane + 1] for i in members]
+            flat = np.empty(sum(t * (b - a) for a, b in spans), dtype=np.float32)
+            self._lanes.receive_matmul(lane, flat)
+            at = 0
+            for i, (a, b) in zip(members, spans, strict=True):
+                outs[i][:, a:b] = flat[at : at + t * (b - a)].reshape(t, b - a)
+                at += t * (b - a)
 
-        with _draining(lanes, len(prepared.keys), receive):
-            a, b = prepared.bounds[0]
-            out[:, a:b] = self.matmul_local(prepared.local, xq)
-        return out
+        with _draining(len(asked), receive):
+            for i, p in enumerate(prepared):
+                if isinstance(p, SplitWeight):
+                    a, b = p.bounds[0]
+                    outs[i][:, a:b] = self.matmul_local(p.local, xq)
+                else:
+                    outs[i] = self.matmul_local(p, xq)
+        return outs
 
 
 @contextmanager
-def _draining(lanes: Lanes, count: int, receive: Callable[[int], None]) -> Iterator[None]:
+def _draining(count: int, receive: Callable[[int], None]) -> Iterator[None]:
     """Run the local share, then collect every helper's reply even if something failed, so the
     sockets stay in step; the first error is raised (the local one first)."""
     errors: list[Exception] = []

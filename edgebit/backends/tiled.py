@@ -19,7 +19,7 @@ from .lanes import SplitBackend
 # Elements per float32 tile: decode tiles stay in L2 (~640 KB); prompt tiles are larger so each
 # BLAS call has enough work (the expansion is paid once per tile for all T tokens).
 DECODE_TILE = 160 * 1024
-PROMPT_TILE = 1024 * 1024
+PROMPT_TILE = 4 * 1024 * 1024
 PROMPT_TOKENS = 8  # from this many tokens per call on, use the larger tiles
 UNSIGNED_MAX_K = 65536  # tiles of value + 1 keep |Σ (w + 1)·x| ≤ 256·K below 2**24 up to this width
 
@@ -63,8 +63,11 @@ class TiledBackend(SplitBackend):
         if prepared.column_scale is not None:
             x *= prepared.column_scale
         xp = np.ascontiguousarray(x.reshape(t, planes, width // planes).transpose(1, 0, 2))
-        out = np.empty((t, m), dtype=np.float32)
-        budget = PROMPT_TILE if t >= PROMPT_TOKENS else DECODE_TILE
+        # Prompts multiply each tile by all T tokens: tile @ x.T (rows × tokens) keeps the big operand
+        # on BLAS's left and runs ~20 % faster than x @ tile.T; decode steps keep the (1, rows) form.
+        prompt = t >= PROMPT_TOKENS
+        out = np.empty((m, t) if prompt else (t, m), dtype=np.float32)
+        budget = PROMPT_TILE if prompt else DECODE_TILE
         rows = max(budget // max(width, 1), 1)
         rows = -(-m // -(-m // rows))  # equal tiles: no small last tile
         rows = -(-rows // prepared.align) * prepared.align
@@ -75,11 +78,19 @@ class TiledBackend(SplitBackend):
             n = min(rows, m - r)
             tile = buf[: n * width].reshape(planes, n, width // planes)
             self.expand(prepared, r, r + n, tile)
-            if planes == 1:
+            if prompt:
+                if planes == 1:
+                    np.matmul(tile[0], xp[0].T, out=out[r : r + n])
+                else:
+                    products = np.matmul(tile, xp.transpose(0, 2, 1), out=part[: planes * t * n].reshape(planes, n, t))
+                    np.add.reduce(products, axis=0, out=out[r : r + n])
+            elif planes == 1:
                 np.matmul(xp[0], tile[0].T, out=out[:, r : r + n])
             else:
                 products = np.matmul(xp, tile.transpose(0, 2, 1), out=part[: planes * t * n].reshape(planes, t, n))
                 np.add.reduce(products, axis=0, out=out[:, r : r + n])
+        if prompt:
+            out = out.T
         if correction is not None:
             out -= correction
         return out
