@@ -4,7 +4,8 @@ For a prompt template `prefix{text}suffix` and labels L_1..L_n, the score of L_j
 of L_j's tokens after `prefix + text + suffix`, normalised over the labels. Messages and all label
 continuations are evaluated in ONE forward pass as a token tree on top of the prefix's KV cache:
 each message attends to the prefix and itself, each label's tokens to the prefix, their message
-and their own earlier tokens. The LM head runs only for the rows that predict label tokens.
+and their own earlier tokens. The LM head runs only for the rows that predict label tokens, and
+for a message's last row only for the labels' first tokens (single-token labels need no more).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ class LabelScorer:
         return results
 
     def _tree_logprobs(self, cache: KVCache, messages: list[list[int]], label_ids: list[list[int]]) -> list[np.ndarray]:
-        """Log-probability of every label after every message, in one forward pass."""
+        """Log-probability of every label after every message, up to a per-message constant, in one forward pass."""
         past = cache.length
         # Layout: message 0, its label prefixes (each label minus its last token), message 1, ...
         sizes = [len(msg) + sum(len(lab) - 1 for lab in label_ids) for msg in messages]
@@ -127,6 +128,7 @@ class LabelScorer:
         positions = np.empty(T, dtype=np.int64)
         mask = np.zeros((T, T), dtype=bool)
         targets: list[tuple[int, int, int, int]] = []  # (message, label, row predicting it, token)
+        last_rows: set[int] = set()  # each message's last row: it predicts every label's first token
         row = 0
         for m, msg in enumerate(messages):
             n = len(msg)
@@ -134,6 +136,7 @@ class LabelScorer:
             positions[row : row + n] = past + np.arange(n)
             mask[row : row + n, row : row + n] = np.tri(n, dtype=bool)
             msg_rows, last_msg_row = slice(row, row + n), row + n - 1
+            last_rows.add(last_msg_row)
             row += n
             for j, lab in enumerate(label_ids):
                 k = len(lab) - 1
@@ -145,12 +148,25 @@ class LabelScorer:
                 targets.extend((m, j, row + t, lab[t + 1]) for t in range(k))
                 row += k
         hidden = self.transformer.forward(ids, cache, positions=positions, mask=mask)
-        rows = sorted({r for _, _, r, _ in targets})
-        index = {r: i for i, r in enumerate(rows)}
-        logits = self.transformer.logits(hidden[rows]).astype(np.float64)
-        mx = logits.max(axis=1, keepdims=True)
-        logz = mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=1))
         out = [np.zeros(len(label_ids)) for _ in messages]
-        for m, j, r, token in targets:
-            out[m][j] += logits[index[r], token] - logz[index[r]]
+        # A message's first label tokens are all predicted by its last row, so that row's log-normaliser
+        # is common to every label and cancels in the normalisation over labels: it needs only the
+        # label tokens' columns of the LM head. Rows inside multi-token labels need the full head.
+        first_rows = sorted({r for _, j, r, _ in targets if r in last_rows})
+        first_tokens = sorted({token for _, _, r, token in targets if r in last_rows})
+        if first_rows:
+            partial = self.transformer.logits(hidden[first_rows], np.asarray(first_tokens)).astype(np.float64)
+            row_at, col_at = {r: i for i, r in enumerate(first_rows)}, {t: i for i, t in enumerate(first_tokens)}
+            for m, j, r, token in targets:
+                if r in last_rows:
+                    out[m][j] += partial[row_at[r], col_at[token]]
+        inner_rows = sorted({r for _, _, r, _ in targets if r not in last_rows})
+        if inner_rows:
+            logits = self.transformer.logits(hidden[inner_rows]).astype(np.float64)
+            mx = logits.max(axis=1, keepdims=True)
+            logz = mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=1))
+            index = {r: i for i, r in enumerate(inner_rows)}
+            for m, j, r, token in targets:
+                if r not in last_rows:
+                    out[m][j] += logits[index[r], token] - logz[index[r]]
         return out

@@ -396,9 +396,10 @@ class Transformer:
         cache.length = past + T
         return h
 
-    def logits(self, hidden: np.ndarray) -> np.ndarray:
-        """Final norm and the tied LM head for the given hidden rows → float32 (rows, n_vocab)."""
+    def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+        """Final norm and the tied LM head for the given hidden rows → float32 (rows, n_vocab),
+        or (rows, len(ids)) for only the vocabulary entries `ids`."""
         x = self.rmsnorm(hidden, self.output_norm)
         if self.numerics == "ggml" and x.shape[0] == 1:
             x = _f16_round(x)  # ggml rounds a single row to f16 before an f16 mat-vec
-        return self.lm_head(x)
+        return self.lm_head(x) if ids is None else self.lm_head.columns(x, ids)

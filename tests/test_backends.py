@@ -218,6 +218,17 @@ def test_lm_head_exact_modes(mode: str) -> None:
         np.testing.assert_allclose(head(x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+@pytest.mark.parametrize("mode", ["float16", "float32", "int8"])
+def test_lm_head_columns_are_the_full_heads_columns(mode: str) -> None:
+    rng = np.random.default_rng(9)
+    embedding = (rng.standard_normal((3000, 64)) * 0.05).astype(np.float16)
+    head = LMHead(embedding, mode, threads=2)
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ids = np.array([2999, 0, 17, 1500])
+    full = head(x)
+    np.testing.assert_allclose(head.columns(x, ids), full[:, ids], rtol=1e-6, atol=1e-6 * np.abs(full).max())
+
+
 def test_lm_head_int8_is_close_and_smaller() -> None:
     rng = np.random.default_rng(8)
     embedding = (rng.standard_normal((2000, 64)) * 0.05).astype(np.float16)

@@ -144,3 +144,18 @@ class LMHead:
         if self.row_scale is not None:
             out *= self.row_scale
         return out
+
+    def columns(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """float32 logits (T, len(ids)) of rows x for the vocabulary entries `ids` only, the same
+        values as the matching columns of `self(x)` (used where only a few tokens are scored)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        ids = np.asarray(ids, dtype=np.intp)
+        if self.mode == "float16":
+            rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
+        else:
+            rows = self.weight[ids].astype(np.float32)
+        out = x @ rows.T
+        if self.row_scale is not None:
+            out *= self.row_scale[ids]
+        return out
+
