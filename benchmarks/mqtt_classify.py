@@ -3,7 +3,9 @@
 A private Mosquitto, one `edgebit serve` node and a requester on this machine. The task has a
 ~250-token few-shot prompt (prefilled once, then reused from the prefix cache), 4 labels, and
 each message is ~40 tokens. By default the model is a random model of the BitNet b1.58 2B4T
-shape, written once to /tmp (1.2 GB): the numbers measure the runtime, not the answers.
+shape with the real LLaMA-3 vocabulary of ../shared/testdata (so prompt, message and label token
+counts are the real model's: each label is one token), written once to /tmp (1.2 GB): the
+numbers measure the runtime, not the answers.
 
     python benchmarks/mqtt_classify.py                      # 32 messages sent at once
     python benchmarks/mqtt_classify.py --rate 1 --count 20  # a steady 1 message/s
@@ -38,7 +40,8 @@ from paho.mqtt.properties import Properties
 import edgebit
 from edgebit.synthetic import write_random_model
 
-DEFAULT_MODEL = Path(tempfile.gettempdir()) / "edgebit-bench" / "2b4t.gguf"
+DEFAULT_MODEL = Path(tempfile.gettempdir()) / "edgebit-bench" / "2b4t-llama3.gguf"
+VOCABULARY = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "derived" / "llama3-vocab-from-tiktoken.gguf"
 LABELS = ["normal", "warning", "critical", "offline"]
 EXAMPLES = [
     ("boiler 62C, pressure 1.4 bar, flame stable, circulation pump running quietly", "normal"),
@@ -168,6 +171,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--backend", default=None)
     p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--vocabulary", type=Path, default=VOCABULARY,
+                   help="GGUF whose tokenizer the random model gets (default: the LLaMA-3 vocabulary in testdata).")
     args = p.parse_args()
 
     if not args.model.exists():
@@ -175,7 +180,7 @@ def main() -> int:
             sys.exit(f"{args.model}: no such file")
         print(f"writing a random 2B4T-shaped model to {args.model} (1.2 GB, once) ...", flush=True)
         args.model.parent.mkdir(parents=True, exist_ok=True)
-        write_random_model(args.model, "2b4t", seed=1)
+        write_random_model(args.model, "2b4t", seed=1, tokenizer_from=args.vocabulary)
     tok = edgebit.load_tokenizer(args.model)
     prompt = few_shot_prompt(tok, args.prompt_tokens)
     texts = [message(tok, n, args.message_tokens) for n in range(args.count + 1)]
@@ -209,8 +214,9 @@ def main() -> int:
             req.wait(lambda: req.info.get("state") == "ready", args.timeout, "the node to load the model")
             load_s = time.perf_counter() - started
             print(f"node ready in {load_s:.1f} s: {req.info['model']['name']}, backend {req.info['backend']}")
+            label_tokens = [token_count(tok, " " + label) for label in LABELS]
             print(f"prompt {prompt_tokens} tokens before the message, messages {message_tokens:.1f} tokens, "
-                  f"{len(LABELS)} labels, max batch {args.max_batch}")
+                  f"{len(LABELS)} labels ({'/'.join(map(str, label_tokens))} tokens), max batch {args.max_batch}")
 
             req.send("warmup", texts[-1])  # prefills the prompt prefix into the node's cache
             req.wait(lambda: "warmup" in req.answers, args.timeout, "the warm-up answer")

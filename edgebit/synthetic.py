@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from . import quants
+from .gguf import GGUFFile
 from .gguf_writer import GGUFWriter
 from .transformer import ARCHITECTURES, Config
 
@@ -104,10 +105,21 @@ def write_byte_tokenizer(w: GGUFWriter, n_vocab: int) -> None:
 
 
 def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny", arch: str = "bitnet-b1.58",
-                       weight_type: str = "I2_S", seed: int = 0, **overrides: int | float) -> str:
-    """Write a random model; `overrides` replace fields of the shape (e.g. n_layer=2). Returns the path."""
+                       weight_type: str = "I2_S", seed: int = 0, tokenizer_from: str | os.PathLike[str] | None = None,
+                       **overrides: int | float) -> str:
+    """Write a random model; `overrides` replace fields of the shape (e.g. n_layer=2). Returns the path.
+
+    tokenizer_from: a GGUF file whose `tokenizer.*` keys (a real vocabulary) replace the byte-level
+    test tokenizer; its vocabulary size must equal the shape's n_vocab.
+    """
     dims = SHAPES[shape] if isinstance(shape, str) else shape
     dims = replace(dims, **overrides)
+    vocabulary = None
+    if tokenizer_from is not None:
+        vocabulary = {k: v for k, v in GGUFFile(tokenizer_from).metadata.items() if k.startswith("tokenizer.")}
+        size = len(vocabulary.get("tokenizer.ggml.tokens", ()))
+        if size != dims.n_vocab:
+            raise ValueError(f"{tokenizer_from}: the vocabulary has {size} tokens, the shape needs {dims.n_vocab}")
     rng = np.random.default_rng(seed)
     path = os.fspath(path)
     w = GGUFWriter(path)
@@ -118,7 +130,11 @@ def write_random_model(path: str | os.PathLike[str], shape: str | Shape = "tiny"
     w.add("general.name", f"random-{arch}-{dims.n_embd}x{dims.n_layer}")
     for key, value in config.metadata():
         w.add(key, value)
-    write_byte_tokenizer(w, dims.n_vocab)
+    if vocabulary is None:
+        write_byte_tokenizer(w, dims.n_vocab)
+    else:
+        for key, value in vocabulary.items():
+            w.add(key, value)
 
     embd = (rng.standard_normal((dims.n_vocab, dims.n_embd), dtype=np.float32) * 0.05).astype(np.float16)
     w.add_array("token_embd.weight", embd)

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edgebit import bench
+import edgebit
+from edgebit import bench, load_tokenizer
 from edgebit.backends.select import projection_shapes
 from edgebit.cli import main
+from edgebit.synthetic import write_random_model
 
 
 @pytest.fixture()
@@ -79,3 +81,14 @@ def test_backends_command(home: Path) -> None:
     assert report["choice"]["backend"] in sizes and report["lm_head_bytes"] == 128256 * 2560 * 2
     text = runner.invoke(main, ["backends", str(bench.random_model("tiny"))])
     assert text.exit_code == 0 and "automatic choice:" in text.stdout and "packed" in text.stdout
+
+
+def test_random_model_with_a_real_vocabulary(tmp_path: Path, testdata: Path) -> None:
+    """`tokenizer_from` puts a real vocabulary in a random model (realistic label and prompt lengths)."""
+    vocab = testdata / "derived" / "llama3-vocab-from-tiktoken.gguf"
+    path = write_random_model(tmp_path / "m.gguf", "tiny", n_vocab=128256, n_layer=1, tokenizer_from=vocab)
+    tok = edgebit.load_tokenizer(path)
+    assert tok.encode("Hello world") == load_tokenizer(vocab).encode("Hello world") == [9906, 1917]
+    with pytest.raises(ValueError, match="128256 tokens, the shape needs 512"):
+        write_random_model(tmp_path / "n.gguf", "tiny", tokenizer_from=vocab)
+
