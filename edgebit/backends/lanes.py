@@ -121,7 +121,8 @@ class Lanes:
         self._send(lane, REQUEST.pack(MATMUL, len(keys), xq.shape[0], xq.shape[1], payload.nbytes, 0.0), payload)
 
     def receive_matmul(self, lane: int, out: np.ndarray) -> None:
-        """Read a helper's products, each (tokens, rows) float32 C-contiguous, one after the other, into `out`."""
+        """Read a helper's reply into `out`: one uint32 per product (1: sent as (rows, tokens)), then the
+        float32 products one after the other."""
         self._reply(lane, out)
 
 
@@ -147,13 +148,26 @@ def serve(fd: int, name: str) -> None:
             else:
                 keys = np.frombuffer(payload, dtype="<u4", count=key)
                 xq = np.frombuffer(payload, dtype=np.int8, offset=4 * key).reshape(a, b)
-                products = [np.ascontiguousarray(backend.matmul(weights[k], xq), dtype=np.float32) for k in keys]
-                reply = memoryview(np.concatenate([p.ravel() for p in products])).cast("B")
+                parts = [_layout(backend.matmul(weights[k], xq)) for k in keys]
+                layouts = np.array([transposed for transposed, _ in parts], dtype=np.uint32)
+                sock.sendall(REPLY.pack(1, layouts.nbytes + sum(part.nbytes for _, part in parts)))
+                sock.sendall(layouts.tobytes())
+                for _, part in parts:
+                    sock.sendall(memoryview(part).cast("B"))
+                continue
             sock.sendall(REPLY.pack(1, len(reply)))
             sock.sendall(reply)
         except Exception as exc:  # report to the caller instead of dying silently
             message = f"{type(exc).__name__}: {exc}".encode()
             sock.sendall(REPLY.pack(0, len(message)) + message)
+
+
+def _layout(product: np.ndarray) -> tuple[bool, np.ndarray]:
+    """A product (tokens, rows) as contiguous bytes without a transposing copy: prompt products are
+    computed rows-major (`tiled`), so they travel as (rows, tokens) and the caller transposes once."""
+    if product.ndim == 2 and product.shape[0] > 1 and product.T.flags.c_contiguous and product.dtype == np.float32:
+        return True, product.T
+    return False, np.ascontiguousarray(product, dtype=np.float32)
 
 
 @dataclass
@@ -243,11 +257,12 @@ class SplitBackend(Backend):
         def receive(lane: int) -> None:
             members = asked[lane]
             spans = [prepared[i].bounds[lane + 1] for i in members]
-            flat = np.empty(sum(t * (b - a) for a, b in spans), dtype=np.float32)
+            flat = np.empty(len(members) + sum(t * (b - a) for a, b in spans), dtype=np.float32)
             self._lanes.receive_matmul(lane, flat)
-            at = 0
-            for i, (a, b) in zip(members, spans, strict=True):
-                outs[i][:, a:b] = flat[at : at + t * (b - a)].reshape(t, b - a)
+            transposed, at = flat[: len(members)].view(np.uint32), len(members)
+            for i, flip, (a, b) in zip(members, transposed, spans, strict=True):
+                part = flat[at : at + t * (b - a)]
+                outs[i][:, a:b] = part.reshape(b - a, t).T if flip else part.reshape(t, b - a)
                 at += t * (b - a)
 
         with _draining(len(asked), receive):
