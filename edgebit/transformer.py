@@ -325,13 +325,22 @@ class Transformer:
         scale = np.float32(1.0 / np.sqrt(d))
         round_probs = self.numerics == "ggml" and T == 1  # ggml rounds probabilities only in decode
         out = np.empty((T, cfg.n_head_kv, n_rep, d), dtype=np.float32)
+        gathered = np.empty(0, dtype=np.intp)  # which keys k_rows / v_rows hold (tree rows only)
+        k_rows = v_rows = None
         for t in range(T):
             visible = np.flatnonzero(mask[t])
             n = visible.size
             if n and visible[-1] == n - 1:  # a prefix of the keys: a view, no copy
                 keys, values = k[:, :n], v[:, :n]
-            else:
-                keys, values = k[:, visible], v[:, visible]
+            else:  # gather the visible keys; a row that sees its predecessor's keys plus itself adds one
+                if k_rows is None:
+                    k_rows, v_rows = np.empty_like(k), np.empty_like(v)
+                if n == gathered.size + 1 and np.array_equal(visible[:-1], gathered):
+                    k_rows[:, n - 1], v_rows[:, n - 1] = k[:, visible[-1]], v[:, visible[-1]]
+                else:
+                    k_rows[:, :n], v_rows[:, :n] = k[:, visible], v[:, visible]
+                gathered = visible
+                keys, values = k_rows[:, :n], v_rows[:, :n]
             scores = np.matmul(qg[:, :, t], keys.transpose(0, 2, 1)) * scale  # (n_kv, n_rep, n)
             scores -= scores.max(axis=-1, keepdims=True)
             probs = np.exp(scores)

@@ -153,3 +153,24 @@ def test_missing_tensor_and_bad_arch_are_named(tmp_path: Path) -> None:
     llama = write_random_model(tmp_path / "llama.gguf", "tiny", arch="llama", seed=1)
     with pytest.raises(GGUFError, match="'llama'"):
         Transformer(GGUFFile(llama), get_backend())
+
+
+def test_token_tree_rows_equal_separate_runs(model: Transformer) -> None:
+    """Two branches after a shared cached prefix, evaluated as one tree (as classification does), give
+    bit-identical hidden states to evaluating each branch on its own."""
+    prefix, branches = [5, 9, 2, 7], [[11, 12, 13], [21, 22, 23, 24]]
+    cache = model.new_cache()
+    model.forward(np.array(prefix), cache)
+    past = cache.length
+    ids = np.array(branches[0] + branches[1])
+    positions = np.array([past + i for b in branches for i in range(len(b))])
+    mask = np.zeros((len(ids), len(ids)), dtype=bool)
+    mask[:3, :3] = np.tri(3, dtype=bool)
+    mask[3:, 3:] = np.tri(4, dtype=bool)
+    tree = model.forward(ids, cache, positions=positions, mask=mask)
+    cache.truncate(past)
+    for start, branch in ((0, branches[0]), (3, branches[1])):
+        alone = model.forward(np.array(branch), cache)
+        cache.truncate(past)
+        np.testing.assert_array_equal(tree[start : start + len(branch)], alone)
+
