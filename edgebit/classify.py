@@ -127,8 +127,10 @@ class LabelScorer:
         ids = np.empty(T, dtype=np.int64)
         positions = np.empty(T, dtype=np.int64)
         mask = np.zeros((T, T), dtype=bool)
-        targets: list[tuple[int, int, int, int]] = []  # (message, label, row predicting it, token)
-        last_rows: set[int] = set()  # each message's last row: it predicts every label's first token
+        # (message, label, row predicting it, token): first label tokens (predicted by the message's
+        # last row) apart from the tokens inside multi-token labels
+        firsts: list[tuple[int, int, int, int]] = []
+        inners: list[tuple[int, int, int, int]] = []
         row = 0
         for m, msg in enumerate(messages):
             n = len(msg)
@@ -136,7 +138,6 @@ class LabelScorer:
             positions[row : row + n] = past + np.arange(n)
             mask[row : row + n, row : row + n] = np.tri(n, dtype=bool)
             msg_rows, last_msg_row = slice(row, row + n), row + n - 1
-            last_rows.add(last_msg_row)
             row += n
             for j, lab in enumerate(label_ids):
                 k = len(lab) - 1
@@ -144,29 +145,26 @@ class LabelScorer:
                 positions[row : row + k] = past + n + np.arange(k)
                 mask[row : row + k, msg_rows] = True
                 mask[row : row + k, row : row + k] = np.tri(k, dtype=bool)
-                targets.append((m, j, last_msg_row, lab[0]))
-                targets.extend((m, j, row + t, lab[t + 1]) for t in range(k))
+                firsts.append((m, j, last_msg_row, lab[0]))
+                inners.extend((m, j, row + t, lab[t + 1]) for t in range(k))
                 row += k
         hidden = self.transformer.forward(ids, cache, positions=positions, mask=mask)
         out = [np.zeros(len(label_ids)) for _ in messages]
         # A message's first label tokens are all predicted by its last row, so that row's log-normaliser
         # is common to every label and cancels in the normalisation over labels: it needs only the
         # label tokens' columns of the LM head. Rows inside multi-token labels need the full head.
-        first_rows = sorted({r for _, j, r, _ in targets if r in last_rows})
-        first_tokens = sorted({token for _, _, r, token in targets if r in last_rows})
-        if first_rows:
-            partial = self.transformer.logits(hidden[first_rows], np.asarray(first_tokens)).astype(np.float64)
-            row_at, col_at = {r: i for i, r in enumerate(first_rows)}, {t: i for i, t in enumerate(first_tokens)}
-            for m, j, r, token in targets:
-                if r in last_rows:
-                    out[m][j] += partial[row_at[r], col_at[token]]
-        inner_rows = sorted({r for _, _, r, _ in targets if r not in last_rows})
-        if inner_rows:
-            logits = self.transformer.logits(hidden[inner_rows]).astype(np.float64)
+        rows = sorted({r for _, _, r, _ in firsts})
+        tokens = sorted({token for _, _, _, token in firsts})
+        partial = self.transformer.logits(hidden[rows], np.asarray(tokens)).astype(np.float64)
+        row_at, col_at = {r: i for i, r in enumerate(rows)}, {t: i for i, t in enumerate(tokens)}
+        for m, j, r, token in firsts:
+            out[m][j] += partial[row_at[r], col_at[token]]
+        if inners:
+            rows = sorted({r for _, _, r, _ in inners})
+            logits = self.transformer.logits(hidden[rows]).astype(np.float64)
             mx = logits.max(axis=1, keepdims=True)
             logz = mx[:, 0] + np.log(np.exp(logits - mx).sum(axis=1))
-            index = {r: i for i, r in enumerate(inner_rows)}
-            for m, j, r, token in targets:
-                if r not in last_rows:
-                    out[m][j] += logits[index[r], token] - logz[index[r]]
+            row_at = {r: i for i, r in enumerate(rows)}
+            for m, j, r, token in inners:
+                out[m][j] += logits[row_at[r], token] - logz[row_at[r]]
         return out

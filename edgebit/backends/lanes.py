@@ -144,19 +144,16 @@ def serve(fd: int, name: str) -> None:
             if op == PREPARE:
                 raw = np.frombuffer(bytes(payload) + bytes(4), dtype=np.uint8)  # + the scale slot I2_S ends with
                 weights[key] = backend.prepare(TernaryWeight(f"slice{key}", (a, b), scale, "I2_S", raw))
-                reply = b""
+                chunks: list[np.ndarray] = []
             else:
                 keys = np.frombuffer(payload, dtype="<u4", count=key)
                 xq = np.frombuffer(payload, dtype=np.int8, offset=4 * key).reshape(a, b)
                 parts = [_layout(backend.matmul(weights[k], xq)) for k in keys]
-                layouts = np.array([transposed for transposed, _ in parts], dtype=np.uint32)
-                sock.sendall(REPLY.pack(1, layouts.nbytes + sum(part.nbytes for _, part in parts)))
-                sock.sendall(layouts.tobytes())
-                for _, part in parts:
-                    sock.sendall(memoryview(part).cast("B"))
-                continue
-            sock.sendall(REPLY.pack(1, len(reply)))
-            sock.sendall(reply)
+                chunks = [np.array([transposed for transposed, _ in parts], dtype=np.uint32)]
+                chunks += [part for _, part in parts]
+            sock.sendall(REPLY.pack(1, sum(chunk.nbytes for chunk in chunks)))
+            for chunk in chunks:
+                sock.sendall(memoryview(chunk).cast("B"))
         except Exception as exc:  # report to the caller instead of dying silently
             message = f"{type(exc).__name__}: {exc}".encode()
             sock.sendall(REPLY.pack(0, len(message)) + message)

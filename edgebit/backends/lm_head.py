@@ -153,7 +153,7 @@ class LMHead:
         if self.mode == "float16":
             rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
         else:
-            rows = self.weight[ids].astype(np.float32)
+            rows = self.weight[ids].astype(np.float32, copy=False)
         out = x @ rows.T
         if self.row_scale is not None:
             out *= self.row_scale[ids]
