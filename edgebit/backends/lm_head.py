@@ -13,12 +13,18 @@ Modes:
            the limit (it reads half the bytes of float32).
   float32  exact; a float32 copy (4 bytes/value), plain BLAS; built at load with the same trick.
   int8     approximate, opt-in only: per-row absmax int8 (1 byte/value); logits differ slightly.
+
+With the compiled kernels installed (`fast.kernels()`), up to COMPILED_ROWS rows at a time
+(generation, label scoring) go through numba's `head_f16` / `head_f32`, which read the embedding
+once for all rows and give bit-identical logits in both exact modes; larger batches (perplexity)
+stay with BLAS, which is faster there. Which kernel runs never depends on the ternary backend.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .fast import kernels
 from .memory import release_file_pages
 from .threads import Workers
 
@@ -28,6 +34,7 @@ MIN_SPLIT = 1 << 22  # values per lane below which the head is not split (small 
 _KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
 _UNSCALE = np.float32(2.0**112)
 _SAFE_X = 2.0**15  # |x|·2^112 stays finite below this
+COMPILED_ROWS = 16  # rows per call up to which the compiled kernel computes the head
 
 
 def _f16_bits_to_scaled_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -119,9 +126,30 @@ class LMHead:
         self._tiles(quantize, rows=max((1 << 20) // self.shape[1], 1))
         return codes, scale
 
+    def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+        """Logits of rows x against embedding rows `weight` with the compiled kernels, or None if
+        they are not installed, the mode is int8 or the batch is large."""
+        fast = kernels()
+        if fast is None or self.mode == "int8" or x.shape[0] > COMPILED_ROWS:
+            return None
+        weight = weight.view()
+        weight.flags.writeable = False
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        fast.set_threads(self.workers.threads)
+        if self.mode == "float32":
+            fast.head_f32(weight, x, out)
+        elif float(np.abs(x).max(initial=0)) < _SAFE_X:
+            fast.head_f16(weight, x * _UNSCALE, out)
+        else:
+            return None
+        return out
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 logits (T, vocab) of float32 rows x (T, dim)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        compiled = self._compiled(x, self.weight)
+        if compiled is not None:
+            return compiled
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         if self.mode == "float32":
             self._tiles(lambda lane, a, b: np.matmul(x, self.weight[a:b].T, out=out[:, a:b]), rows=1 << 30)
@@ -150,6 +178,9 @@ class LMHead:
         values as the matching columns of `self(x)` (used where only a few tokens are scored)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.intp)
+        compiled = self._compiled(x, self.weight[ids])
+        if compiled is not None:
+            return compiled
         if self.mode == "float16":
             rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
         else:

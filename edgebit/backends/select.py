@@ -34,7 +34,7 @@ WORKLOAD = (128, 128)  # (prompt, generated) tokens of the request the choice is
 MEMORY_SHARE = 0.85  # at most this share of the available memory goes to resident weights + extras
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Without a probe: fastest first (benchmarks/RESULTS.md); backends not listed come last.
-STATIC_ORDER = ("dense", "float32", "packed", "lut")
+STATIC_ORDER = ("numba", "dense", "float32", "packed", "lut")
 
 
 def cache_dir() -> Path:
