@@ -16,8 +16,9 @@ Modes:
 
 With the compiled kernels installed (`fast.kernels()`), up to COMPILED_ROWS rows at a time
 (generation, label scoring) go through numba's `head_f16` / `head_f32`, which read the embedding
-once for all rows and give bit-identical logits in both exact modes; larger batches (perplexity)
-stay with BLAS, which is faster there. Which kernel runs never depends on the ternary backend.
+as it is in the file (f16 widened exactly as it is loaded) in both exact modes, so the two give
+identical logits; larger batches (perplexity) stay with BLAS, which is faster there. Which kernel
+runs never depends on the ternary backend.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class LMHead:
         self.workers = Workers(threads)
         self._scratch: dict[int, np.ndarray] = {}
         self.row_scale: np.ndarray | None = None
+        # What the compiled kernel reads in both exact modes: the embedding as it is in the file.
+        self.exact_source = embedding.view(np.int16) if embedding.dtype == np.float16 else embedding
         if mode == "float16":
             self.weight = embedding.view(np.int16)
         elif mode == "float32":
@@ -127,8 +130,8 @@ class LMHead:
         return codes, scale
 
     def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
-        """Logits of rows x against embedding rows `weight` with the compiled kernels, or None if
-        they are not installed, the mode is int8 or the batch is large."""
+        """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels, or
+        None if they are not installed, the mode is int8 or the batch is large."""
         fast = kernels()
         if fast is None or self.mode == "int8" or x.shape[0] > COMPILED_ROWS:
             return None
@@ -136,18 +139,16 @@ class LMHead:
         weight.flags.writeable = False
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
         fast.set_threads(self.workers.threads)
-        if self.mode == "float32":
-            fast.head_f32(weight, x, out)
-        elif float(np.abs(x).max(initial=0)) < _SAFE_X:
-            fast.head_f16(weight, x * _UNSCALE, out)
+        if weight.dtype == np.int16:
+            fast.head_f16(weight, x, out)
         else:
-            return None
+            fast.head_f32(weight, x, out)
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 logits (T, vocab) of float32 rows x (T, dim)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        compiled = self._compiled(x, self.weight)
+        compiled = self._compiled(x, self.exact_source)
         if compiled is not None:
             return compiled
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
@@ -178,7 +179,7 @@ class LMHead:
         values as the matching columns of `self(x)` (used where only a few tokens are scored)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.intp)
-        compiled = self._compiled(x, self.weight[ids])
+        compiled = self._compiled(x, self.exact_source[ids])
         if compiled is not None:
             return compiled
         if self.mode == "float16":
