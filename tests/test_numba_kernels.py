@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from hypothesis import strategies as st
 
 from edgebit import quants
 from edgebit.backends import fast
+from edgebit.transformer import Transformer
 
 nk = fast.kernels()
 pytestmark = pytest.mark.skipif(nk is None, reason=fast.unavailable_reason())
@@ -134,3 +136,21 @@ def test_compiled_code_is_cached_under_edgebit_home(tmp_path: Path) -> None:
     second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     hits, total = second.stdout.split()
     assert hits == total
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(dim=st.one_of(st.integers(1, 3000), st.sampled_from([6912, 20000, 65537])), tokens=st.integers(1, 4),
+       scale=st.sampled_from([1e-4, 1.0, 300.0]), seed=st.integers(0, 2**32 - 1))
+def test_rmsnorm_quantize_equals_the_numpy_forward_pass(dim: int, tokens: int, scale: float, seed: int) -> None:
+    """The compiled RMSNorm + quantisation is bit-identical to transformer.py's numpy path (numpy's
+    pairwise summation order included), so installing numba changes no number of the model."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((tokens, dim)) * scale).astype(np.float32)
+    x[0, 0] = 0 if dim > 1 else x[0, 0]
+    weight = rng.standard_normal(dim).astype(np.float32)
+    model = SimpleNamespace(numerics="reference", config=SimpleNamespace(eps=1e-5))
+    want_q, want_gamma = Transformer.quantize_activations(Transformer.rmsnorm(model, x, weight))
+    xq, gamma = np.empty((tokens, dim), dtype=np.int8), np.empty(tokens, dtype=np.float32)
+    nk.rmsnorm_quantize(x, weight, np.float32(1e-5), xq, gamma)
+    np.testing.assert_array_equal(xq, want_q)
+    np.testing.assert_array_equal(gamma, want_gamma[:, 0])

@@ -7,8 +7,10 @@ kernels, and everything that could use the compiled ones asks here first.
 from __future__ import annotations
 
 import logging
+import time
 from functools import cache
 from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -35,3 +37,18 @@ def kernels() -> ModuleType | None:
 def unavailable_reason() -> str:
     """Why `kernels()` is None ("" when the kernels are available)."""
     return _load()[1]
+
+
+def status() -> dict[str, Any]:
+    """What `edgebit doctor` reports: whether the kernels are installed, and whether their compiled
+    code was already cached for this CPU (this call compiles what was not, so the next load is fast)."""
+    fast = kernels()
+    if fast is None:
+        return {"available": False, "reason": unavailable_reason(), "install": INSTALL_HINT}
+    import numba
+
+    start = time.perf_counter()
+    fast.compile_all()
+    return {"available": True, "numba": numba.__version__, "cache_dir": str(numba.config.CACHE_DIR),
+            "kernels": len(fast.SIGNATURES), "cached": fast.cache_hits(), "seconds": time.perf_counter() - start,
+            "threading_layer": numba.config.THREADING_LAYER}

@@ -14,11 +14,12 @@ Modes:
   float32  exact; a float32 copy (4 bytes/value), plain BLAS; built at load with the same trick.
   int8     approximate, opt-in only: per-row absmax int8 (1 byte/value); logits differ slightly.
 
-With the compiled kernels installed (`fast.kernels()`), up to COMPILED_ROWS rows at a time
-(generation, label scoring) go through numba's `head_f16` / `head_f32`, which read the embedding
-as it is in the file (f16 widened exactly as it is loaded) in both exact modes, so the two give
-identical logits; larger batches (perplexity) stay with BLAS, which is faster there. Which kernel
-runs never depends on the ternary backend.
+With the compiled kernels installed (`fast.kernels()`), both exact modes go through numba's
+`head_f16` / `head_f32`, which read the embedding as it is in the file (f16 widened exactly as it
+is loaded) and compute every logit with the same per-row loop: the two modes give identical
+logits, and a row's logits do not depend on how many rows share the call (prompt chunking) or on
+the ternary backend. BLAS would be faster for long batches (perplexity), but its summation order
+depends on the call's shape.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ MIN_SPLIT = 1 << 22  # values per lane below which the head is not split (small 
 _KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
 _UNSCALE = np.float32(2.0**112)
 _SAFE_X = 2.0**15  # |x|·2^112 stays finite below this
-COMPILED_ROWS = 16  # rows per call up to which the compiled kernel computes the head
 
 
 def _f16_bits_to_scaled_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -131,9 +131,9 @@ class LMHead:
 
     def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
         """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels, or
-        None if they are not installed, the mode is int8 or the batch is large."""
+        None if they are not installed or the mode is int8."""
         fast = kernels()
-        if fast is None or self.mode == "int8" or x.shape[0] > COMPILED_ROWS:
+        if fast is None or self.mode == "int8":
             return None
         weight = weight.view()
         weight.flags.writeable = False

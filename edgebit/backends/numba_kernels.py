@@ -225,29 +225,113 @@ def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 out[t, v] = _dot_f32(embedding[v], x[t])
 
 
+@numba.njit(inline="always")
+def _block_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
+    """numpy's float32 sum of a[lo:lo+n] for n ≤ 128: 8 accumulators, then a fixed tree."""
+    if n < 8:
+        total = np.float32(0)
+        for i in range(n):
+            total += a[lo + i]
+        return total
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        total += a[lo + i]
+        i += 1
+    return total
+
+
+@numba.njit
+def _pairwise_sum(a: np.ndarray) -> np.float32:
+    """Σ a in float32 in exactly numpy's order, so the compiled RMSNorm equals numpy's bit for bit.
+
+    numpy halves the range (the first half a multiple of 8) until a part has ≤ 128 elements and adds
+    the two halves' sums; this walks the same tree with an explicit stack (numba cannot cache
+    recursive functions).
+    """
+    depth = 64
+    lo, size, state = np.empty(depth, np.int64), np.empty(depth, np.int64), np.zeros(depth, np.int8)
+    sums = np.empty(depth, np.float32)
+    top, n_sums = 0, 0
+    lo[0], size[0], state[0] = 0, a.shape[0], 0
+    while top >= 0:
+        n = size[top]
+        half = n // 2 - (n // 2) % 8
+        if n <= 128:
+            sums[n_sums] = _block_sum(a, lo[top], n)
+            n_sums += 1
+            top -= 1
+        elif state[top] < 2:  # push the left half, later the right half
+            child_lo = lo[top] + (half if state[top] == 1 else 0)
+            state[top] += 1
+            top += 1
+            lo[top], size[top], state[top] = child_lo, half if state[top - 1] == 1 else n - half, 0
+        else:
+            sums[n_sums - 2] = sums[n_sums - 2] + sums[n_sums - 1]
+            n_sums -= 1
+            top -= 1
+    return sums[0]
+
+
+@numba.njit(**_JIT)
+def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.ndarray, gamma: np.ndarray) -> None:
+    """Per row of x (T, D): y = x / sqrt(mean(x²) + ε) · w, then γ = 127 / max(|y|, 1e-5) and
+    xq = rint(y·γ) as int8 — the same operations, in the same order and precision, as the
+    numpy RMSNorm and activation quantisation of transformer.py, so the results are identical."""
+    tokens, dim = x.shape
+    squares = np.empty(dim, np.float32)
+    y = np.empty(dim, np.float32)
+    for t in range(tokens):
+        row = x[t]
+        for d in range(dim):
+            squares[d] = row[d] * row[d]
+        mean = np.float32(np.float64(_pairwise_sum(squares)) / dim)
+        inv = np.float32(1.0) / np.sqrt(mean + eps)
+        amax = np.float32(0)
+        for d in range(dim):
+            y[d] = row[d] * inv * weight[d]
+            amax = max(amax, abs(y[d]))
+        g = np.float32(127.0 / max(np.float64(amax), 1e-5))
+        gamma[t] = g
+        for d in range(dim):
+            xq[t, d] = np.int8(np.rint(y[d] * g))
+
+
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
     i2s_gemv: (_U8_ROWS, _I16_VEC, _F32_VEC),
     i2s_gemm: (_U8_ROWS, _I16_MAT, _F32_MAT),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
+    rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
 }
 
 
-def compile_all(progress: Callable[[int, int, str], None] | None = None) -> dict[str, float]:
-    """Compile (or load from the on-disk cache) every kernel; returns seconds per kernel.
+def compile_all(progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Compile every kernel for this CPU, or load it from the on-disk cache; seconds per kernel.
 
-    `progress(done, total, name)` is called before each kernel and once at the end.
+    `progress(done, total)` is called after each kernel (the first run on a CPU takes seconds per
+    kernel, later runs load the cache in well under a second).
     """
     seconds = {}
     for i, (kernel, signature) in enumerate(SIGNATURES.items()):
-        if progress is not None:
-            progress(i, len(SIGNATURES), kernel.__name__)
         start = time.perf_counter()
         kernel.compile(signature)
         seconds[kernel.__name__] = time.perf_counter() - start
-    if progress is not None:
-        progress(len(SIGNATURES), len(SIGNATURES), "")
+        if progress is not None:
+            progress(i + 1, len(SIGNATURES))
     return seconds
 
 

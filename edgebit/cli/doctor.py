@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from .. import __version__, config, store
-from ..backends import get_backend
+from ..backends import fast, get_backend
 from ..backends.machine import detect
 from ..gguf import GGUFFile
 from . import main
@@ -121,6 +121,7 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
                   "config": str(config.config_path()), "config_exists": config.config_path().exists()},
         "problems": [],
     }
+    report["kernels"] = fast.status()
     for name in PACKAGES:
         try:
             report["packages"][name] = version(name)
@@ -165,6 +166,16 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
         sys.exit(1)
 
 
+def _kernels_line(kernels: dict[str, Any]) -> str:
+    if not kernels["available"]:
+        return (f"numpy only: {kernels['reason']} (several times faster generation; numpy stays the "
+                "fallback)")
+    cache = (f"cache warm ({kernels['cached']}/{kernels['kernels']} loaded in {kernels['seconds']:.1f} s)"
+             if kernels["cached"] == kernels["kernels"] else
+             f"compiled in {kernels['seconds']:.1f} s for this CPU (first run), now cached")
+    return f"compiled (numba {kernels['numba']}): {cache} in {kernels['cache_dir']}"
+
+
 def _print(report: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, indent=2))
@@ -181,6 +192,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         ("models", f"{st['models']} ({st['count']} stored, {_gb(st['disk_free'])} free)"),
         ("config", st["config"] + ("" if st["config_exists"] else " (not present)")),
     ]
+    lines.append(("kernels", _kernels_line(report["kernels"])))
     if "backend" in report:
         lines.append(("backend", report["backend"]))
     model = report.get("model")
