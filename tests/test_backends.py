@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import edgebit
 from edgebit import quants
-from edgebit.backends import Backend, available_backends, get_backend, lanes, select
+from edgebit.backends import Backend, available_backends, get_backend, lanes, lm_head, select
 from edgebit.backends.dense import DenseBackend
 from edgebit.backends.float32 import Float32Backend
 from edgebit.backends.i2s import decode_blocks, decode_rows, packed_rows, plane_order
@@ -195,6 +195,30 @@ def test_models_give_identical_logits_and_greedy_text(tiny_model: Path, referenc
     assert model.complete(prompt=[1, 2, 3], max_tokens=16, temperature=0).token_ids == want
 
 
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-lane", "2-lanes"])
+def test_every_backend_gives_the_same_logits_and_perplexity(tiny_model: Path, threads: int,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every installed backend (plugins too) with either exact LM-head form, whole or split over lanes,
+    computes the same bits: the products are exact integers, so nothing after them may depend on
+    which kernel made them. Prompts are long enough for the kernels' multi-token paths."""
+    if threads == 2:
+        monkeypatch.setattr(lanes, "MIN_SPLIT", 0)
+    text = "the quick brown fox jumps over the lazy dog\n" * 10
+    ids = list(range(1, 200, 5))
+    results = {}
+    for name, cls in sorted(available_backends().items()):
+        if not cls.supported()[0]:
+            continue
+        for head in ("float32", "float16"):
+            model = edgebit.load(tiny_model, backend=name, threads=threads, lm_head=head)
+            assert model.info["lm_head"] == head
+            results[name, head] = model.logits(ids), model.perplexity(text, ctx=64)
+    want_logits, want_ppl = results["reference", "float32"]
+    for key, (logits, ppl) in results.items():
+        np.testing.assert_array_equal(logits, want_logits, err_msg=f"backend {key[0]}, LM head {key[1]}")
+        assert ppl == want_ppl, f"backend {key[0]}, LM head {key[1]}"
+
+
 # --- LM head
 
 
@@ -216,6 +240,21 @@ def test_lm_head_exact_modes(mode: str) -> None:
         x = (rng.standard_normal((3, 64)) * scale).astype(np.float32)
         want = x.astype(np.float64) @ embedding.astype(np.float64).T
         np.testing.assert_allclose(head(x), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 12])
+def test_lm_head_forms_and_lanes_give_the_same_bits(monkeypatch: pytest.MonkeyPatch, tokens: int) -> None:
+    """The exact forms (chosen per machine and backend footprint) and the number of lanes must not change
+    a single logit: BLAS's summation order depends on the shape of each call, so every form and lane
+    count must make the same calls. A 2B4T-wide row with an odd vocabulary exposes any difference."""
+    monkeypatch.setattr(lm_head, "MIN_SPLIT", 0)
+    rng = np.random.default_rng(10)
+    embedding = (rng.standard_normal((1001, 2560)) * 0.05).astype(np.float16)
+    x = rng.standard_normal((tokens, 2560)).astype(np.float32)
+    want = LMHead(embedding, "float32", threads=1)(x)
+    for mode in ("float16", "float32"):
+        for threads in (1, 2, 3):
+            np.testing.assert_array_equal(LMHead(embedding, mode, threads)(x), want, err_msg=f"{mode}, {threads} lanes")
 
 
 @pytest.mark.parametrize("mode", ["float16", "float32", "int8"])
