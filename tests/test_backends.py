@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -333,6 +335,21 @@ def test_probe_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytest.M
     assert again == first and len(calls) == 4
     select.choose_backend(TWO_B, 1, HEAD_F16, machine=_machine(int(1.5e9)))
     assert len(calls) == 4  # a subset of cached backends needs no new measurement
+
+
+def test_the_probe_cache_stays_out_of_the_real_home(tmp_path: Path, tiny_model: Path) -> None:
+    """The suite runs with a private EDGEBIT_HOME (tests/conftest.py) that the processes it starts inherit:
+    an automatic backend choice, which caches its probe, in a child whose HOME is a fresh folder leaves
+    that folder empty."""
+    private = Path(os.environ["EDGEBIT_HOME"])
+    user = tmp_path / "user"
+    user.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_") and k != "EDGEBIT_BACKEND"}
+    code = "import edgebit, sys; print(edgebit.load(sys.argv[1], threads=1).backend.name)"
+    subprocess.run([sys.executable, "-c", code, str(tiny_model)], env={**env, "HOME": str(user)}, check=True,
+                   capture_output=True)
+    assert [p.relative_to(user) for p in user.rglob("*")] == []
+    assert (private / "cache" / "probe.json").is_file()
 
 
 def test_get_backend_override_and_auto(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
