@@ -547,6 +547,31 @@ def test_duplicate_arriving_mid_computation_waits_for_the_original(broker: Broke
     assert model.batches == [["t"]]
 
 
+def test_a_reused_id_with_other_content_is_refused_not_answered_from_the_store(broker: Broker,
+                                                                              client: Client) -> None:
+    """The store answers duplicates only: the same id with another text or labels (a requester that
+    numbers every run from 0) gets a bad_request naming the id, counted, never the first answer."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "reuse"):
+        wait_ready(client, "reuse", "reuse")
+        client.subscribe("reply/reuse")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"1")
+        client.wait(lambda: len(client.on("reply/reuse")) == 1)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "second run", "labels": ["x", "y"]},
+                       "reply/reuse", b"2")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"3")
+        client.wait(lambda: len(client.on("reply/reuse")) == 3)
+        health = client.wait_json(topics("reuse", "reuse")["health"], lambda h: h["id_conflicts"] == 1)[0]
+    answers = {m.properties.CorrelationData: json.loads(m.payload) for m in client.on("reply/reuse")}
+    assert answers[b"1"]["status"] == "ok" and answers[b"3"] == answers[b"1"]  # a true duplicate
+    refused = answers[b"2"]
+    assert refused["status"] == "error" and refused["id"] == "sim-0000"
+    assert refused["error"]["code"] == "bad_request" and not refused["error"]["retryable"]
+    assert "'sim-0000' was already used" in refused["error"]["message"]
+    assert health["duplicates"] == 1 and health["errors"]["bad_request"] == 1
+    assert model.batches == [["first run"]]
+
+
 def test_message_expiry_is_honoured(broker: Broker, client: Client) -> None:
     model = FakeModel()
     model.gate.clear()
@@ -664,3 +689,4 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
     finally:
         c.close()
         secure.stop()
+
