@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Broker, Client, NodeProcess, unique_id, wait_until
+from mqtt_broker import Broker, Client, NodeProcess, free_port, unique_id, wait_until
 
 from edgebit.engine import Completion
 from edgebit.mqtt import sdnotify
@@ -690,3 +691,47 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
         c.close()
         secure.stop()
 
+
+# --- the example requester (examples/sensor_simulator.py)
+
+SIMULATOR = Path(__file__).resolve().parent.parent / "examples" / "sensor_simulator.py"
+
+
+def simulate(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SIMULATOR), "--host", "127.0.0.1", "--port", str(port), "--rate", "0",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_simulator_runs_never_get_each_others_answers(broker: Broker, client: Client) -> None:
+    """Two runs with other texts and labels: the second gets answers to its own requests, not the
+    first run's stored ones (its ids must not repeat the first run's)."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "simruns"):
+        wait_ready(client, "simruns", "simruns")
+        common = ["--prefix", "simruns", "--task", "mood", "--count", "2", "--timeout", "60"]
+        first = simulate(broker.port, *common, "--text", "first run")
+        second = simulate(broker.port, *common, "--text", "second run", "--labels", "x,y")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.count("(calm 0.50, alert 0.50)") == 2 and second.stdout.count("(x 0.50, y 0.50)") == 2, second.stdout
+    ids = [line.split()[0] for run in (first, second) for line in run.stdout.splitlines() if line.startswith("sim-")]
+    assert len(ids) == len(set(ids)) == 4
+    assert sorted(t for batch in model.batches for t in batch) == ["first run"] * 2 + ["second run"] * 2
+
+
+def test_simulator_says_why_nothing_was_answered(broker: Broker, tmp_path: Path) -> None:
+    quiet = simulate(broker.port, "--prefix", "nobody-serves", "--task", "boiler", "--count", "1", "--timeout", "1")
+    assert quiet.returncode == 2
+    assert ("no answer within 1 s to 1 of 1 requests — is a node serving task 'boiler' (prefix 'nobody-serves') "
+            f"on broker 127.0.0.1:{broker.port}?") in quiet.stderr
+    closed = free_port()
+    refused = simulate(closed, "--count", "1")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == f"cannot reach broker 127.0.0.1:{closed}: Connection refused"
+    locked = Broker(tmp_path, anonymous=False).start()
+    try:
+        denied = simulate(locked.port, "--count", "1")
+    finally:
+        locked.stop()
+    assert denied.returncode == 1
+    assert denied.stderr.strip() == f"cannot reach broker 127.0.0.1:{locked.port}: it refused the connection: " \
+                                    "Not authorized"
