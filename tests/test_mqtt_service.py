@@ -712,7 +712,8 @@ def test_simulator_runs_never_get_each_others_answers(broker: Broker, client: Cl
         first = simulate(broker.port, *common, "--text", "first run")
         second = simulate(broker.port, *common, "--text", "second run", "--labels", "x,y")
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-    assert first.stdout.count("(calm 0.50, alert 0.50)") == 2 and second.stdout.count("(x 0.50, y 0.50)") == 2, second.stdout
+    assert first.stdout.count("(calm 0.50, alert 0.50)") == 2, first.stdout
+    assert second.stdout.count("(x 0.50, y 0.50)") == 2, second.stdout
     ids = [line.split()[0] for run in (first, second) for line in run.stdout.splitlines() if line.startswith("sim-")]
     assert len(ids) == len(set(ids)) == 4
     assert sorted(t for batch in model.batches for t in batch) == ["first run"] * 2 + ["second run"] * 2
