@@ -551,7 +551,8 @@ def test_duplicate_arriving_mid_computation_waits_for_the_original(broker: Broke
 def test_a_reused_id_with_other_content_is_refused_not_answered_from_the_store(broker: Broker,
                                                                               client: Client) -> None:
     """The store answers duplicates only: the same id with another text or labels (a requester that
-    numbers every run from 0) gets a bad_request naming the id, counted, never the first answer."""
+    numbers every run from 0) gets a bad_request naming the id, counted, never the first answer; also
+    while the first request is still in work (it must not wait for the first one's answer)."""
     model = FakeModel()
     with in_process(broker, lambda: model, "reuse"):
         wait_ready(client, "reuse", "reuse")
@@ -562,15 +563,24 @@ def test_a_reused_id_with_other_content_is_refused_not_answered_from_the_store(b
                        "reply/reuse", b"2")
         client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"3")
         client.wait(lambda: len(client.on("reply/reuse")) == 3)
-        health = client.wait_json(topics("reuse", "reuse")["health"], lambda h: h["id_conflicts"] == 1)[0]
+        model.gate.clear()
+        model.entered.clear()
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "in work"}, "reply/reuse", b"4")
+        assert model.entered.wait(30)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "other"}, "reply/reuse", b"5")
+        client.wait(lambda: len(client.on("reply/reuse")) == 4)  # answered while the first one is held
+        model.gate.set()
+        client.wait(lambda: len(client.on("reply/reuse")) == 5)
+        health = client.wait_json(topics("reuse", "reuse")["health"], lambda h: h["id_conflicts"] == 2)[0]
     answers = {m.properties.CorrelationData: json.loads(m.payload) for m in client.on("reply/reuse")}
     assert answers[b"1"]["status"] == "ok" and answers[b"3"] == answers[b"1"]  # a true duplicate
     refused = answers[b"2"]
     assert refused["status"] == "error" and refused["id"] == "sim-0000"
     assert refused["error"]["code"] == "bad_request" and not refused["error"]["retryable"]
     assert "'sim-0000' was already used" in refused["error"]["message"]
-    assert health["duplicates"] == 1 and health["errors"]["bad_request"] == 1
-    assert model.batches == [["first run"]]
+    assert answers[b"5"]["error"]["code"] == "bad_request" and answers[b"4"]["status"] == "ok"
+    assert health["duplicates"] == 1 and health["errors"]["bad_request"] == 2
+    assert model.batches == [["first run"], ["in work"]]
 
 
 def test_message_expiry_is_honoured(broker: Broker, client: Client) -> None:
