@@ -295,11 +295,16 @@ class Transformer:
 
     def bitlinear(self, layer: Layer, names: tuple[str, ...], xq: np.ndarray, gamma: np.ndarray) -> list[np.ndarray]:
         """y = (T · x_q) / γ · s  [· optional output scale] for each named projection of the same input;
-        the integer products come from the backend, in one call for the group."""
+        the integer products come from the backend, in one call for the group.
+
+        A backend may return its product in any memory layout (the tiled kernels give prompts
+        column-major). The scaling writes a row-major array, so every later reduction (the next
+        rmsnorm's mean) sums in the same order whichever kernel ran: same bits on every backend."""
         products = self.backend.matmul_group([layer.proj[name] for name in names], xq)
         ys = []
         for name, y in zip(names, products, strict=True):
-            y = y / gamma * layer.scale[name]
+            y = np.divide(y, gamma, out=np.empty(y.shape, dtype=np.float32))
+            y *= layer.scale[name]
             if name in layer.out_scale:
                 y *= layer.out_scale[name]
             ys.append(y)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Broker, Client, NodeProcess, unique_id, wait_until
+from mqtt_broker import Broker, Client, NodeProcess, free_port, unique_id, wait_until
 
 from edgebit.engine import Completion
 from edgebit.mqtt import sdnotify
@@ -547,6 +548,41 @@ def test_duplicate_arriving_mid_computation_waits_for_the_original(broker: Broke
     assert model.batches == [["t"]]
 
 
+def test_a_reused_id_with_other_content_is_refused_not_answered_from_the_store(broker: Broker,
+                                                                              client: Client) -> None:
+    """The store answers duplicates only: the same id with another text or labels (a requester that
+    numbers every run from 0) gets a bad_request naming the id, counted, never the first answer; also
+    while the first request is still in work (it must not wait for the first one's answer)."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "reuse"):
+        wait_ready(client, "reuse", "reuse")
+        client.subscribe("reply/reuse")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"1")
+        client.wait(lambda: len(client.on("reply/reuse")) == 1)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "second run", "labels": ["x", "y"]},
+                       "reply/reuse", b"2")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"3")
+        client.wait(lambda: len(client.on("reply/reuse")) == 3)
+        model.gate.clear()
+        model.entered.clear()
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "in work"}, "reply/reuse", b"4")
+        assert model.entered.wait(30)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "other"}, "reply/reuse", b"5")
+        client.wait(lambda: len(client.on("reply/reuse")) == 4)  # answered while the first one is held
+        model.gate.set()
+        client.wait(lambda: len(client.on("reply/reuse")) == 5)
+        health = client.wait_json(topics("reuse", "reuse")["health"], lambda h: h["id_conflicts"] == 2)[0]
+    answers = {m.properties.CorrelationData: json.loads(m.payload) for m in client.on("reply/reuse")}
+    assert answers[b"1"]["status"] == "ok" and answers[b"3"] == answers[b"1"]  # a true duplicate
+    refused = answers[b"2"]
+    assert refused["status"] == "error" and refused["id"] == "sim-0000"
+    assert refused["error"]["code"] == "bad_request" and not refused["error"]["retryable"]
+    assert "'sim-0000' was already used" in refused["error"]["message"]
+    assert answers[b"5"]["error"]["code"] == "bad_request" and answers[b"4"]["status"] == "ok"
+    assert health["duplicates"] == 1 and health["errors"]["bad_request"] == 2
+    assert model.batches == [["first run"], ["in work"]]
+
+
 def test_message_expiry_is_honoured(broker: Broker, client: Client) -> None:
     model = FakeModel()
     model.gate.clear()
@@ -664,3 +700,49 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
     finally:
         c.close()
         secure.stop()
+
+
+# --- the example requester (examples/sensor_simulator.py)
+
+SIMULATOR = Path(__file__).resolve().parent.parent / "examples" / "sensor_simulator.py"
+
+
+def simulate(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SIMULATOR), "--host", "127.0.0.1", "--port", str(port), "--rate", "0",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_simulator_runs_never_get_each_others_answers(broker: Broker, client: Client) -> None:
+    """Two runs with other texts and labels: the second gets answers to its own requests, not the
+    first run's stored ones (its ids must not repeat the first run's)."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "simruns"):
+        wait_ready(client, "simruns", "simruns")
+        common = ["--prefix", "simruns", "--task", "mood", "--count", "2", "--timeout", "60"]
+        first = simulate(broker.port, *common, "--text", "first run")
+        second = simulate(broker.port, *common, "--text", "second run", "--labels", "x,y")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.count("(calm 0.50, alert 0.50)") == 2, first.stdout
+    assert second.stdout.count("(x 0.50, y 0.50)") == 2, second.stdout
+    ids = [line.split()[0] for run in (first, second) for line in run.stdout.splitlines() if line.startswith("sim-")]
+    assert len(ids) == len(set(ids)) == 4
+    assert sorted(t for batch in model.batches for t in batch) == ["first run"] * 2 + ["second run"] * 2
+
+
+def test_simulator_says_why_nothing_was_answered(broker: Broker, tmp_path: Path) -> None:
+    quiet = simulate(broker.port, "--prefix", "nobody-serves", "--task", "boiler", "--count", "1", "--timeout", "1")
+    assert quiet.returncode == 2
+    assert ("no answer within 1 s to 1 of 1 requests — is a node serving task 'boiler' (prefix 'nobody-serves') "
+            f"on broker 127.0.0.1:{broker.port}?") in quiet.stderr
+    closed = free_port()
+    refused = simulate(closed, "--count", "1")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == f"cannot reach broker 127.0.0.1:{closed}: Connection refused"
+    locked = Broker(tmp_path, anonymous=False).start()
+    try:
+        denied = simulate(locked.port, "--count", "1")
+    finally:
+        locked.stop()
+    assert denied.returncode == 1
+    assert denied.stderr.strip() == f"cannot reach broker 127.0.0.1:{locked.port}: it refused the connection: " \
+                                    "Not authorized"

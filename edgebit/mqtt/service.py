@@ -107,39 +107,53 @@ class WorkQueue:
 
 
 class Replay:
-    """Responses to recent request ids (LRU), and duplicates waiting for an original still in work."""
+    """Responses to recent request ids (LRU), and duplicates waiting for an original still in work.
+
+    Each id is remembered with the fingerprint of its request (`Request.fingerprint`): only a request
+    asking the same thing is a duplicate; a reused id with other content must never get the stored answer.
+    """
 
     def __init__(self, size: int, max_waiting: int) -> None:
         self.size = size
         self.max_waiting = max_waiting
-        self._done: OrderedDict[DedupeKey, bytes] = OrderedDict()
-        self._working: dict[DedupeKey, list[Delivery]] = {}
+        self._done: OrderedDict[DedupeKey, tuple[str, bytes]] = OrderedDict()
+        self._working: dict[DedupeKey, tuple[str, list[Delivery]]] = {}
         self._n_waiting = 0
         self._lock = threading.Lock()
 
-    def claim(self, key: DedupeKey, delivery: Delivery) -> bytes | str:
+    def claim(self, key: DedupeKey, fingerprint: str, delivery: Delivery) -> bytes | str:
         """The stored response of a duplicate; "wait" if the original is in work (the duplicate gets its
-        answer); "full" if too many duplicates already wait; "new" otherwise (now in work)."""
+        answer); "full" if too many duplicates already wait; "conflict" if the id is remembered for a
+        request with other content; "new" otherwise (now in work)."""
         with self._lock:
             if key in self._done:
+                known, response = self._done[key]
+                if known != fingerprint:
+                    return "conflict"
                 self._done.move_to_end(key)
-                return self._done[key]
+                return response
             if key in self._working:
+                known, waiters = self._working[key]
+                if known != fingerprint:
+                    return "conflict"
                 if self._n_waiting >= self.max_waiting:
                     return "full"
-                self._working[key].append(delivery)
+                waiters.append(delivery)
                 self._n_waiting += 1
                 return "wait"
-            self._working[key] = []
+            self._working[key] = (fingerprint, [])
             return "new"
 
     def finish(self, key: DedupeKey, response: bytes | None) -> list[Delivery]:
         """Store the response (None: forget the request, e.g. a retryable error); returns the waiters."""
         with self._lock:
-            waiters = self._working.pop(key, [])
+            entry = self._working.pop(key, None)
+            if entry is None:  # not claimed: nothing to store, nobody waiting
+                return []
+            fingerprint, waiters = entry
             self._n_waiting -= len(waiters)
             if response is not None and self.size > 0:
-                self._done[key] = response
+                self._done[key] = (fingerprint, response)
                 while len(self._done) > self.size:
                     self._done.popitem(last=False)
             return waiters
@@ -416,10 +430,16 @@ class Service:
         key = (task.name, request.id) if request.id else None
         job = Job(request, delivery, key)
         if key is not None:
-            claim = self.replay.claim(key, delivery)
+            claim = self.replay.claim(key, request.fingerprint, delivery)
             if isinstance(claim, bytes):
                 self.stats.count("duplicates")
                 self._send(delivery, claim)
+                return
+            if claim == "conflict":
+                self.stats.count("id_conflicts")
+                self._reply_error(delivery, "bad_request", f"request id {request.id!r} was already used for a "
+                                  f"different request to task {task.name!r}; give every request its own id "
+                                  "(e.g. a UUID)", request.id, task.name)
                 return
             if claim == "wait":
                 self.stats.count("duplicates")
