@@ -24,7 +24,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_random_model_is_written_once(home: Path) -> None:
     path = bench.random_model("tiny")
-    assert path.parent == home / "cache" / "models" and path.stat().st_size > 0
+    assert path.parent == home / "models" and path.stat().st_size > 0
     stamp = path.stat().st_mtime_ns
     assert bench.random_model("tiny") == path and path.stat().st_mtime_ns == stamp
     assert not list(path.parent.glob("*.partial"))

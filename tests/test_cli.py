@@ -91,6 +91,36 @@ def test_pull_exit_codes(server):
     assert run("models", "pull", "x", "--retries", "-1").exit_code == 2
 
 
+def test_pull_from_an_unreachable_host_says_so_and_what_to_do_offline():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    result = run("pull", f"http://127.0.0.1:{port}/m.gguf")
+    assert result.exit_code == 1
+    assert f"cannot reach 127.0.0.1:{port}: Connection refused" in result.stderr
+    assert "edgebit models import FILE" in result.stderr and "resum" not in result.stderr
+
+
+def test_models_import_random_list_and_rm(home, tmp_path):
+    made = run("models", "random", str(tmp_path / "tiny.gguf"), "--seed", "1")
+    assert made.exit_code == 0 and str(tmp_path / "tiny.gguf") in made.output
+    assert run("models", "random", str(tmp_path / "tiny.gguf")).exit_code == 1  # no overwrite without --force
+    assert json.loads(run("models", "list", "--json").output) == []  # a file given by path stays outside
+    imported = run("models", "import", str(tmp_path / "tiny.gguf"), "--copy")
+    assert imported.exit_code == 0, imported.output
+    assert imported.output.startswith(f"copied {tmp_path / 'tiny.gguf'} -> {home / 'models' / 'tiny.gguf'}")
+    bad = run("models", "import", str(tmp_path / "tiny.gguf"), "--name", "other", "--sha256", "0" * 64)
+    assert bad.exit_code == 1 and "does not match the given digest" in bad.stderr
+    generated = run("models", "random", "--shape", "tiny")
+    assert generated.exit_code == 0 and str(home / "models" / "random-tiny-seed0.gguf") in generated.output
+    table = run("models", "list").output
+    assert "random-tiny-seed0" in table and "generated (random)" in table
+    assert "tiny " in table and "unverified" in table
+    assert run("generate", "random-tiny-seed0", "Hi", "-n", "2").exit_code == 0
+    assert run("models", "rm", "random-tiny-seed0").exit_code == 0
+    assert [m["name"] for m in json.loads(run("models", "list", "--json").output)] == ["tiny"]
+
+
 def test_pull_progress_bar_only_when_asked(server):
     server.files["/a.gguf"] = PAYLOAD
     server.files["/b.gguf"] = PAYLOAD

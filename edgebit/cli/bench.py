@@ -56,7 +56,9 @@ def bench(model: str | None, model_opt: str | None, shape: str | None, backends:
     if path is None:
         if shape is None:
             raise click.UsageError("give MODEL or --shape")
-        click.echo(f"using a random {shape} model (written once to the cache)...", err=True)
+        target = benchmark.random_model_path(shape)
+        click.echo(f"using the random {shape} model {target} ({'already there' if target.exists() else 'writing it'}; "
+                   f"in the model store, remove it with `edgebit models rm {target.stem}`)", err=True)
         path = str(benchmark.random_model(shape))
     if backends == "all":
         names: list[str | None] = sorted(available_backends())
