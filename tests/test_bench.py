@@ -68,6 +68,8 @@ def test_bench_command(home: Path) -> None:
                                  "-r", "1"])
     assert table.exit_code == 0 and "| packed" in table.stdout
     assert runner.invoke(main, ["bench", "--shape", "tiny", "model.gguf"]).exit_code == 2
+    assert f"using the random tiny model {home / 'models' / 'random-tiny-seed0.gguf'}" in out.stderr
+    assert "edgebit models rm random-tiny-seed0" in out.stderr
 
 
 def test_backends_command(home: Path) -> None:
@@ -81,6 +83,8 @@ def test_backends_command(home: Path) -> None:
     assert report["choice"]["backend"] in sizes and report["lm_head_bytes"] == 128256 * 2560 * 2
     text = runner.invoke(main, ["backends", str(bench.random_model("tiny"))])
     assert text.exit_code == 0 and "automatic choice:" in text.stdout and "packed" in text.stdout
+    bare = runner.invoke(main, ["backends"])
+    assert bare.exit_code == 0 and "needs 0.00" not in bare.stdout and "give MODEL or --shape" in bare.stdout
 
 
 def test_random_model_with_a_real_vocabulary(tmp_path: Path, testdata: Path) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -60,6 +61,21 @@ def _commands() -> list[list[str]]:
 def test_every_command_has_help_with_examples(command):
     result = run(*command, "--help")
     assert result.exit_code == 0 and "Example" in result.output
+
+
+def _all_commands(group: click.Group = main, path: tuple[str, ...] = ()) -> list[list[str]]:
+    out = [list(path)]
+    for name, command in getattr(group, "commands", {}).items():
+        out += _all_commands(command, (*path, name))
+    return out
+
+
+@pytest.mark.parametrize("command", _all_commands(), ids=lambda c: " ".join(c) or "edgebit")
+def test_help_sets_examples_apart_from_the_text_before(command):
+    lines = run(*command, "--help").output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Example"):
+            assert lines[i - 1].strip() == "", f"'{line.strip()}' is glued to {lines[i - 1]!r}"
 
 
 # --- models / pull

@@ -93,12 +93,13 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
            threads: int | None, as_json: bool) -> None:
     """Check this machine, a model and an MQTT broker for edgebit.
 
-    \b
     Reports CPU, memory, Python and numpy, BLAS, the model store, and optionally a model (MODEL or
     the configured default) and a broker.
-    \b
+
     Exit code 0 when every check passes, 1 when one fails (unreadable model, unusable backend,
     unreachable broker).
+
+    \b
     Examples:
       edgebit doctor
       edgebit doctor bitnet-b1.58-2b-4t --broker mqtt.local:1883
