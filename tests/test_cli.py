@@ -245,7 +245,26 @@ def test_doctor_reports_machine_model_and_broker(tiny_model):
     assert closed.exit_code == 1 and "not reachable" in closed.output
     assert run("doctor", "--broker", "nonsense").exit_code == 2
     assert run("doctor", "missing.gguf").exit_code == 1
-    assert "all checks passed" in run("doctor").output
+
+
+def test_doctor_lists_what_is_missing_with_the_next_command(tiny_model, home, monkeypatch):
+    bare = run("doctor")
+    assert bare.exit_code == 0 and "all checks passed" not in bare.output
+    assert "missing: no model: the store is empty" in bare.output
+    assert "next: edgebit pull bitnet-b1.58-2b-4t" in bare.output
+    assert "missing: no MQTT broker configured" in bare.output and "2 thing(s) are missing" in bare.output
+    assert run("models", "random").exit_code == 0
+    report = json.loads(run("doctor", "--json").output)
+    assert [m["what"][:17] for m in report["missing"]] == ["no default model:", "no MQTT broker co"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("EDGEBIT_MQTT_HOST", "127.0.0.1")
+    monkeypatch.setenv("EDGEBIT_MQTT_PORT", str(listener.getsockname()[1]))
+    monkeypatch.setenv("EDGEBIT_MODEL", str(tiny_model))
+    try:
+        ready = run("doctor")
+    finally:
+        listener.close()
+    assert ready.exit_code == 0 and "missing" not in ready.output and "all checks passed" in ready.output
 
 
 def test_doctor_checks_the_configured_broker(monkeypatch):
