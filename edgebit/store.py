@@ -173,8 +173,9 @@ def verify(path: Path) -> None:
     if size is None and sha256 is None:
         return
     name = path.name[: -len(".gguf")]
-    fix = (f"delete it with `edgebit models rm {name}`, then `edgebit pull {name}` or "
-           f"`edgebit models import FILE --name {name}` with a good copy")
+    again = f"`edgebit pull {name}` or " if lookup(name) is not None else ""
+    fix = (f"delete it with `edgebit models rm {name}`, then {again}`edgebit models import FILE --name {name}` "
+           "with a good copy")
     stat = path.stat()
     if size is not None and stat.st_size != size:
         raise StoreError(f"{path}: {stat.st_size} bytes, but {whose} file has {size}: it is incomplete or a "
@@ -185,7 +186,7 @@ def verify(path: Path) -> None:
     if (info.get("verified") and info.get("sha256") == sha256 and info.get("size") == stat.st_size
             and info.get("mtime_ns") == stat.st_mtime_ns):
         return
-    log.warning("checking the SHA-256 of %s (%d bytes) before first use; the result is cached", path, stat.st_size)
+    log.warning("checking the SHA-256 of %s (%d bytes) before use; a match is remembered", path, stat.st_size)
     actual = _hash_file(path).hexdigest()
     if actual != sha256.lower():
         raise StoreError(f"{path}: SHA-256 {actual} does not match {whose} ({sha256}): the file is damaged or a "
