@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends.machine import detect
-from .config import models_dir
+from .config import cache_dir, models_dir
 from .store import record_generated
 from .synthetic import SHAPES, write_random_model
 
@@ -110,12 +111,16 @@ def random_model(shape: str, directory: str | os.PathLike[str] | None = None, se
     folder = path.parent
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        try:
-            write_random_model(partial, shape, seed=seed)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        earlier = cache_dir() / "models" / path.name  # where earlier versions kept it, unlisted
+        if directory is None and earlier.is_file():
+            shutil.move(earlier, path)
+        else:
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            try:
+                write_random_model(partial, shape, seed=seed)
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
         if directory is None:
             record_generated(path, f"random {shape} model, seed {seed} (edgebit.synthetic)")
     return path

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgebit
-from edgebit import bench, load_tokenizer
+from edgebit import bench, load_tokenizer, store
 from edgebit.backends.select import projection_shapes
 from edgebit.cli import main
 from edgebit.synthetic import write_random_model
@@ -30,6 +30,17 @@ def test_random_model_is_written_once(home: Path) -> None:
     assert not list(path.parent.glob("*.partial"))
     with pytest.raises(ValueError, match="unknown shape"):
         bench.random_model("huge")
+
+
+def test_random_model_from_the_old_cache_location_moves_into_the_store(home: Path) -> None:
+    old = home / "cache" / "models" / "random-tiny-seed0.gguf"
+    old.parent.mkdir(parents=True)
+    write_random_model(old, "tiny", seed=0)
+    content = old.read_bytes()
+    path = bench.random_model("tiny")
+    assert path == home / "models" / "random-tiny-seed0.gguf" and path.read_bytes() == content and not old.exists()
+    [listed] = store.list_models()
+    assert listed.name == "random-tiny-seed0" and listed.generated
 
 
 def test_peak_rss_is_measured() -> None:

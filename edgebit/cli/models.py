@@ -63,7 +63,7 @@ def list_(show_all: bool, as_json: bool) -> None:
     if show_all:
         have = {r["name"] for r in rows}
         rows += [{"name": m.name, "path": None, "size": m.size, "sha256": m.sha256, "verified": False,
-                  "source": f"{registry.HF_ENDPOINT}/{m.repo}", "stored": False}
+                  "source": f"{registry.HF_ENDPOINT}/{m.repo}", "generated": None, "stored": False}
                  for m in registry.MODELS if m.name not in have]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
