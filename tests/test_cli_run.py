@@ -73,7 +73,7 @@ def test_perplexity_ctx_defaults_to_the_model_context_and_errors_name_ctx(runner
     text = "the quick brown fox jumps over the lazy dog\n" * 40
     path = tmp_path / "t.txt"
     path.write_text(text)
-    result = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--json"])
+    result = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--json", "--backend", model.backend.name])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["ctx"] == 256 and report["perplexity"] == pytest.approx(model.perplexity(text, ctx=256), rel=1e-9)
