@@ -156,10 +156,10 @@ def _expected(path: Path) -> tuple[int | None, str | None, str]:
     name = path.name[: -len(".gguf")]
     entry = lookup(name)
     if entry is not None and entry.store_name == path.name and (entry.size or entry.sha256):
-        return entry.size, entry.sha256, f"the published {entry.name}"
+        return entry.size, entry.sha256, f"published for {entry.name}"
     info = _read_sidecar(path)
     if info.get("verified") and info.get("sha256"):
-        return info.get("size"), info["sha256"], f"the digest {name} was verified against when it was stored"
+        return info.get("size"), info["sha256"], f"recorded when {name} was verified"
     return None, None, ""
 
 
@@ -178,7 +178,7 @@ def verify(path: Path) -> None:
            "with a good copy")
     stat = path.stat()
     if size is not None and stat.st_size != size:
-        raise StoreError(f"{path}: {stat.st_size} bytes, but {whose} file has {size}: it is incomplete or a "
+        raise StoreError(f"{path}: {stat.st_size} bytes, expected {size} ({whose}): it is incomplete or a "
                          f"different model; {fix}")
     if sha256 is None:
         return
@@ -189,7 +189,7 @@ def verify(path: Path) -> None:
     log.warning("checking the SHA-256 of %s (%d bytes) before use; a match is remembered", path, stat.st_size)
     actual = _hash_file(path).hexdigest()
     if actual != sha256.lower():
-        raise StoreError(f"{path}: SHA-256 {actual} does not match {whose} ({sha256}): the file is damaged or a "
+        raise StoreError(f"{path}: SHA-256 {actual}, expected {sha256} ({whose}): the file is damaged or a "
                          f"different model; {fix}")
     try:
         record(path, info.get("source") or "placed in the store by hand", actual, verified=True)
@@ -292,7 +292,8 @@ def download(url: str, dest: str | os.PathLike[str], sha256: str | None = None, 
     `sha256`/`size` (when known) are checked before the file is renamed into place; a mismatch
     deletes the partial file and raises `ChecksumError`. A dropped connection is retried
     `retries` times, each resuming where the last stopped; after that the `.part` file stays for
-    the next call to resume.
+    the next call to resume. A host that cannot be reached at all (name lookup, refused connection)
+    raises `UnreachableError` at once, without retries.
     """
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https"):
@@ -392,9 +393,8 @@ def import_file(source: str | os.PathLike[str], name: str | None = None, sha256:
             raise ChecksumError(f"{src}: {size} bytes, but {entry.name} has {entry.size}: an incomplete or "
                                 "different file; nothing was stored")
         if expected is not None and digest != expected.lower():
-            whose = "the given" if sha256 else f"the published {entry.name if entry else ''}"
-            raise ChecksumError(f"{src}: SHA-256 {digest} does not match {whose} digest {expected}; nothing "
-                                "was stored")
+            whose = "the given digest" if sha256 else f"the digest published for {entry.name}"
+            raise ChecksumError(f"{src}: SHA-256 {digest} does not match {whose} {expected}; nothing was stored")
         dest = folder / filename
         if dest.exists():
             raise StoreError(f"{dest} is already in the store; remove it first with "
@@ -451,8 +451,9 @@ def _offline_hint(entry: RegistryModel | None, spec: str) -> str:
         endpoint = os.environ.get("HF_ENDPOINT")
         lines.append(f"  - set HF_ENDPOINT to a Hugging Face mirror you can reach (now: {endpoint or 'not set'})")
     if entry is not None and entry.kind == "checkpoint":
-        lines.append(f"  - download {entry.repo} on another machine, copy the folder here and run "
-                     "`edgebit convert FOLDER` (it converts into the store)")
+        lines.append(f"  - download the {entry.repo} checkpoint on another machine, copy the folder here, run "
+                     f"`edgebit convert FOLDER {entry.name}.gguf`, then `edgebit models import {entry.name}.gguf "
+                     f"--name {entry.name}`")
     else:
         url = entry.url() if entry else spec
         name = f" --name {entry.name}" if entry else " [--sha256 DIGEST]"

@@ -279,6 +279,9 @@ def test_unreachable_host_is_reported_at_once_with_what_to_do_offline(home, monk
         store.pull("bitnet-b1.58-2b-4t")
     assert f"HF_ENDPOINT to a Hugging Face mirror you can reach (now: {endpoint})" in str(err.value)
     assert "edgebit models import FILE --name bitnet-b1.58-2b-4t" in str(err.value)
+    with pytest.raises(store.UnreachableError) as err:  # a checkpoint: convert, then import under its name
+        store.pull("bitnet_b1_58-large")
+    assert "`edgebit models import bitnet_b1_58-large.gguf --name bitnet_b1_58-large`" in str(err.value)
 
 
 def test_unreachable_host_during_a_resume_keeps_the_partial_file(server, test_entry, home, monkeypatch):
@@ -306,7 +309,8 @@ def test_import_recognises_a_registry_model_by_its_digest_and_links_it(test_entr
 def test_import_rejects_a_file_that_does_not_match_the_registry(test_entry, home, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(PAYLOAD[:-1] + b"\0")
-    with pytest.raises(store.ChecksumError, match=f"{bad}: SHA-256 .* does not match the published test-model"):
+    with pytest.raises(store.ChecksumError,
+                       match=f"{bad}: SHA-256 .* does not match the digest published for test-model"):
         store.import_file(bad, name="test-model")
     bad.write_bytes(PAYLOAD[:1000])
     with pytest.raises(store.ChecksumError, match="1000 bytes, but test-model has"):
@@ -331,13 +335,13 @@ def test_file_dropped_into_the_store_is_checked_once_then_trusted_until_it_chang
     folder.mkdir(parents=True)
     dropped = folder / "test-model.gguf"
     dropped.write_bytes(PAYLOAD[:-1] + b"\0")
-    with pytest.raises(store.StoreError, match="does not match the published test-model") as err:
+    with pytest.raises(store.StoreError, match="SHA-256 .*, expected .* \\(published for test-model\\)") as err:
         store.resolve("test-model")
     assert "edgebit models rm test-model" in str(err.value)
-    with pytest.raises(store.StoreError, match="does not match"):  # by path too
+    with pytest.raises(store.StoreError, match="expected"):  # by path too
         store.resolve(str(dropped))
     dropped.write_bytes(PAYLOAD[:5])
-    with pytest.raises(store.StoreError, match="5 bytes, but the published test-model file has"):
+    with pytest.raises(store.StoreError, match=rf"5 bytes, expected {len(PAYLOAD)} \(published for test-model\)"):
         store.resolve("test-model")
 
     dropped.write_bytes(PAYLOAD)
@@ -352,7 +356,7 @@ def test_file_dropped_into_the_store_is_checked_once_then_trusted_until_it_chang
         assert store.resolve("test-model") == str(dropped)
     dropped.write_bytes(PAYLOAD[:-1] + b"\0")  # same size, new content and modification time
     os.utime(dropped, ns=(0, 0))
-    with pytest.raises(store.StoreError, match="does not match"):
+    with pytest.raises(store.StoreError, match="the file is damaged or a different model"):
         store.resolve("test-model")
 
 
