@@ -391,6 +391,11 @@ def test_unreachable_broker_is_named_with_the_reason_and_serving_waits_for_it(sp
             wait_ready(c, "patient", "patient")
         finally:
             c.close()
+        absent.stop()  # a lost connection: the first retry comes after 1 s, the next one after 2 s
+        wait_until(lambda: "lost the connection to broker" in node.log() and
+                   f"{refused} 2 s" in node.log().split("lost the connection to broker")[-1],
+                   what="the back-off after a lost connection")
+        assert f"{refused} 1 s" not in node.log().split("lost the connection to broker")[-1]
     finally:
         node.stop()
         absent.stop()

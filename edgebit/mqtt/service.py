@@ -285,10 +285,13 @@ class Service:
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         with self._lock:
+            if self._connected:  # paho waits RECONNECT_MIN before its first retry, then doubles
+                self._failures = 1
             self._connected = False
             self._announced = False
         if not self._stopping.is_set():
-            log.warning("lost the broker connection (%s); reconnecting with back-off", reason)
+            log.warning("lost the connection to broker %s:%s (%s); reconnecting with back-off", self.cfg.broker.host,
+                        self.cfg.broker.port, reason)
             self._status(f"{self.model_state}; broker unreachable, reconnecting")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any],
