@@ -129,6 +129,8 @@ def test_models_import_random_list_and_rm(home, tmp_path):
     assert bad.exit_code == 1 and "does not match the given digest" in bad.stderr
     generated = run("models", "random", "--shape", "tiny")
     assert generated.exit_code == 0 and str(home / "models" / "random-tiny-seed0.gguf") in generated.output
+    again = run("models", "random")
+    assert again.exit_code == 0 and again.output.startswith("already in the store:")
     table = run("models", "list").output
     assert "random-tiny-seed0" in table and "generated (random)" in table
     assert "tiny " in table and "unverified" in table

@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .. import registry, store
-from ..bench import random_model
+from ..bench import random_model, random_model_path
 from ..config import models_dir
 from ..synthetic import SHAPES, write_random_model
 from . import main
@@ -197,6 +197,10 @@ def random_(output: str | None, shape: str, seed: int, force: bool) -> None:
       edgebit models random --shape 2b4t
     """
     if output is None:
+        if random_model_path(shape, seed=seed).exists():
+            path = random_model_path(shape, seed=seed)
+            click.echo(f"already in the store: {path} (remove it with `edgebit models rm {path.stem}`)")
+            return
         path = random_model(shape, seed=seed)
     else:
         path = Path(output)
