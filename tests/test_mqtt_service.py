@@ -8,6 +8,7 @@ service in-process on a gated fake model. Every topic tree (prefix) is private t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
@@ -349,8 +350,7 @@ def test_last_will_on_sigkill_and_clean_stop_on_sigterm(broker: Broker, client: 
         status = topics("life", "life")["status"]
         node = spawn(config, "life", env)
         wait_ready(client, "life", "life")
-        states = _notifications(notify, "READY=1", "WATCHDOG=1")
-        assert any(s.startswith("STATUS=serving") for s in states)
+        _notifications(notify, "READY=1", "WATCHDOG=1", "STATUS=serving")
         node.signal(signal.SIGTERM)
         assert node.wait() == 0
         _notifications(notify, "STOPPING=1")
@@ -365,11 +365,41 @@ def test_last_will_on_sigkill_and_clean_stop_on_sigterm(broker: Broker, client: 
 
 
 def _notifications(sock: socket.socket, *wanted: str) -> list[str]:
-    """sd_notify datagrams received until every wanted state has been seen."""
+    """sd_notify datagrams received until a state starting with each wanted prefix has been seen."""
     states: list[str] = []
-    while not set(wanted) <= set(states):
+    while not all(any(s.startswith(w) for s in states) for w in wanted):
         states += sock.recv(4096).decode().split("\n")
     return states
+
+
+def test_unreachable_broker_is_named_with_the_reason_and_serving_waits_for_it(spawn: Callable,
+                                                                              tmp_path: Path) -> None:
+    (tmp_path / "later").mkdir()
+    absent = Broker(tmp_path / "later")  # its port has nothing listening until start()
+    node = spawn(node_config(tmp_path / "n.toml", absent.port, "patient", "patient"), "patient")
+    refused = f"cannot reach broker 127.0.0.1:{absent.port}: Connection refused; retrying in"
+    wait_until(lambda: f"{refused} 1 s" in node.log() and f"{refused} 2 s" in node.log(),
+               what="the unreachable broker to be reported with its address, reason and back-off")
+    wait_until(lambda: "waiting for the broker" in node.log(), what="the model to load")
+    assert "serving" not in node.log()
+    assert "Client is not connected" not in node.log()
+    absent.start()
+    try:
+        wait_until(lambda: re.search(rf"serving tasks .* on 127\.0\.0\.1:{absent.port}\n", node.log()),
+                   what="serving once the broker accepts the connection")
+        c = Client(absent.port)
+        try:
+            wait_ready(c, "patient", "patient")
+        finally:
+            c.close()
+        absent.stop()  # a lost connection: the first retry comes after 1 s, the next one after 2 s
+        wait_until(lambda: "lost the connection to broker" in node.log() and
+                   f"{refused} 2 s" in node.log().split("lost the connection to broker")[-1],
+                   what="the back-off after a lost connection")
+        assert f"{refused} 1 s" not in node.log().split("lost the connection to broker")[-1]
+    finally:
+        node.stop()
+        absent.stop()
 
 
 def test_percentiles_are_nearest_rank() -> None:
