@@ -114,37 +114,58 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
             _prefetch(flat, start + offset)
 
 
-@numba.njit(parallel=True, **_JIT)
-def i2s_gemv(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out[m] = Σ_k w[m, k]·x[k] for one token; packed (M, K/4) I2_S rows, x int16 (K,)."""
-    m_rows, quarter = packed.shape
+@numba.njit(inline="always")
+def _gemv_rows(packed: np.ndarray, x: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int,
+               wide: np.ndarray, narrow: np.ndarray) -> None:
+    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight (wide/narrow: lane scratch)."""
+    quarter = packed.shape[1]
     n_blocks = quarter // BLOCK_BYTES
     flat = packed.reshape(-1)
+    for m in range(start, stop):
+        row = packed[m]
+        _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
+        wide[:] = 0
+        for first in range(0, n_blocks, BLOCKS_PER_INT16):
+            narrow[:] = 0
+            for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
+                xb = x[b * BLOCK: b * BLOCK + BLOCK]
+                rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
+                for j in range(BLOCK_BYTES):
+                    byte = _i16(rb[j])
+                    narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
+                                      + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
+            for j in range(BLOCK_BYTES):
+                wide[j] += narrow[j]
+        total = 0
+        for j in range(BLOCK_BYTES):
+            total += wide[j]
+        out[m] = total - x_sum
+
+
+@numba.njit(parallel=True, **_JIT)
+def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+             out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
+    """out_i[m] = Σ_k w_i[m, k]·x[k] for one token and up to three weights that share it (q/k/v,
+    gate/up) in one parallel region; w_i (M_i, K/4) I2_S rows, x int16 (K,); an unused slot is a
+    (0, K/4) weight."""
     x_sum = 0
     for k in range(x.shape[0]):
         x_sum += x[k]
-    for chunk in prange((m_rows + DECODE_ROWS - 1) // DECODE_ROWS):
-        wide = np.zeros(BLOCK_BYTES, np.int32)
-        narrow = np.zeros(BLOCK_BYTES, np.int16)
-        for m in range(chunk * DECODE_ROWS, min(m_rows, (chunk + 1) * DECODE_ROWS)):
-            row = packed[m]
-            _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
-            wide[:] = 0
-            for first in range(0, n_blocks, BLOCKS_PER_INT16):
-                narrow[:] = 0
-                for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
-                    xb = x[b * BLOCK: b * BLOCK + BLOCK]
-                    rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
-                    for j in range(BLOCK_BYTES):
-                        byte = _i16(rb[j])
-                        narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
-                                          + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
-                for j in range(BLOCK_BYTES):
-                    wide[j] += narrow[j]
-            total = 0
-            for j in range(BLOCK_BYTES):
-                total += wide[j]
-            out[m] = total - x_sum
+    c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    for chunk in prange(c0 + c1 + c2):
+        wide = np.empty(BLOCK_BYTES, np.int32)
+        narrow = np.empty(BLOCK_BYTES, np.int16)
+        if chunk < c0:
+            start = chunk * DECODE_ROWS
+            _gemv_rows(w0, x, x_sum, out0, start, min(w0.shape[0], start + DECODE_ROWS), wide, narrow)
+        elif chunk < c0 + c1:
+            start = (chunk - c0) * DECODE_ROWS
+            _gemv_rows(w1, x, x_sum, out1, start, min(w1.shape[0], start + DECODE_ROWS), wide, narrow)
+        else:
+            start = (chunk - c0 - c1) * DECODE_ROWS
+            _gemv_rows(w2, x, x_sum, out2, start, min(w2.shape[0], start + DECODE_ROWS), wide, narrow)
 
 
 @numba.njit(inline="always")
@@ -159,29 +180,42 @@ def _decode_row(row: np.ndarray, w: np.ndarray) -> None:
             w[b * BLOCK + 96 + j] = (byte & 3) - 1
 
 
+@numba.njit(inline="always")
+def _gemm_tile(packed: np.ndarray, x: np.ndarray, out: np.ndarray, first: int, w: np.ndarray) -> None:
+    """out[:, first:first + PROMPT_ROWS] of one weight: its rows decoded once into w, then every token."""
+    rows = min(PROMPT_ROWS, packed.shape[0] - first)
+    for r in range(rows):
+        _decode_row(packed[first + r], w[r])
+    for t in range(x.shape[0]):
+        xt = x[t]
+        for r in range(rows):
+            wr = w[r]
+            total = _i32(0)
+            for k in range(x.shape[1]):
+                total = _i32(total + _i32(wr[k]) * _i32(xt[k]))
+            out[t, first + r] = total
+
+
 @numba.njit(parallel=True, **_JIT)
-def i2s_gemm(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out[t, m] = Σ_k w[m, k]·x[t, k] for many tokens; x int16 (T, K), out float32 (T, M).
+def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+             out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
+    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for many tokens x int16 (T, K) and up to three weights
+    (out_i float32 (T, M_i)); an unused slot is a (0, K/4) weight.
 
     A tile of PROMPT_ROWS rows is decoded once to int16 and multiplied with every token, so the
     decoding is paid once per T tokens.
     """
-    m_rows = packed.shape[0]
-    tokens, k_len = x.shape
-    for tile in prange((m_rows + PROMPT_ROWS - 1) // PROMPT_ROWS):
-        first = tile * PROMPT_ROWS
-        rows = min(PROMPT_ROWS, m_rows - first)
-        w = np.empty((PROMPT_ROWS, k_len), np.int16)
-        for r in range(rows):
-            _decode_row(packed[first + r], w[r])
-        for t in range(tokens):
-            xt = x[t]
-            for r in range(rows):
-                wr = w[r]
-                total = _i32(0)
-                for k in range(k_len):
-                    total = _i32(total + _i32(wr[k]) * _i32(xt[k]))
-                out[t, first + r] = total
+    c0 = (w0.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    c1 = (w1.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    c2 = (w2.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    for tile in prange(c0 + c1 + c2):
+        w = np.empty((PROMPT_ROWS, x.shape[1]), np.int16)
+        if tile < c0:
+            _gemm_tile(w0, x, out0, tile * PROMPT_ROWS, w)
+        elif tile < c0 + c1:
+            _gemm_tile(w1, x, out1, (tile - c0) * PROMPT_ROWS, w)
+        else:
+            _gemm_tile(w2, x, out2, (tile - c0 - c1) * PROMPT_ROWS, w)
 
 
 @numba.njit(inline="always", fastmath={"reassoc"})
@@ -311,8 +345,8 @@ def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
-    i2s_gemv: (_U8_ROWS, _I16_VEC, _F32_VEC),
-    i2s_gemm: (_U8_ROWS, _I16_MAT, _F32_MAT),
+    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_VEC, _F32_VEC, _F32_VEC, _F32_VEC),
+    i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
