@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -71,3 +72,16 @@ def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> No
     single = edgebit.load(tiny_model, backend="numba", lm_head="float32")
     ids = [1, 2, 3, 4, 5]
     np.testing.assert_array_equal(half.logits(ids), single.logits(ids))
+
+
+def test_threads_may_share_a_model(tiny_model: Path) -> None:
+    """numba's workqueue pool aborts the process if two threads enter it at once; the kernels are
+    launched under a lock, so concurrent callers (an MQTT and an HTTP face) just take turns."""
+    model = edgebit.load(tiny_model, backend="numba", threads=2)
+    prompts = [[1, 2, 3, 4], [5], [6, 7, 8, 9, 10, 11, 12, 13], [14]]
+    want = [model.logits(p) for p in prompts]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(5):
+            got = list(pool.map(model.logits, prompts))
+            for g, w in zip(got, want, strict=True):
+                np.testing.assert_array_equal(g, w)

@@ -70,7 +70,6 @@ class NumbaBackend(Backend):
     def matmul_group(self, prepared: list[PackedRows], xq: np.ndarray) -> list[np.ndarray]:
         """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group."""
         fast = kernels()
-        fast.set_threads(self.threads)
         tokens, width = xq.shape[0], prepared[0].width
         x = np.zeros((tokens, width), dtype=np.int16 if tokens == 1 else np.float32)
         x[:, : prepared[0].k] = xq
@@ -83,8 +82,10 @@ class NumbaBackend(Backend):
             dest = outs[first : first + 3]
             rows += [none] * (3 - len(rows))
             dest += [np.empty((tokens, 0), dtype=np.float32)] * (3 - len(dest))
-            if tokens == 1:
-                fast.i2s_gemv(*rows, x[0], *(d[0] for d in dest))
-            else:
-                fast.i2s_gemm(*rows, x, *dest)
+            with fast.LAUNCH:
+                fast.set_threads(self.threads)
+                if tokens == 1:
+                    fast.i2s_gemv(*rows, x[0], *(d[0] for d in dest))
+                else:
+                    fast.i2s_gemm(*rows, x, *dest)
         return outs

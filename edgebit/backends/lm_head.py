@@ -149,11 +149,12 @@ class LMHead:
         weight = weight.view()
         weight.flags.writeable = False
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-        fast.set_threads(self.workers.threads)
-        if weight.dtype == np.int16:
-            fast.head_f16(weight, x, out)
-        else:
-            fast.head_f32(weight, x, out)
+        with fast.LAUNCH:
+            fast.set_threads(self.workers.threads)
+            if weight.dtype == np.int16:
+                fast.head_f16(weight, x, out)
+            else:
+                fast.head_f32(weight, x, out)
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:

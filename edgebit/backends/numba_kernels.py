@@ -32,6 +32,7 @@ specific to a CPU; LLVM lowers both for x86 and ARM.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,6 +47,14 @@ from .select import cache_dir
 if not os.environ.get("NUMBA_CACHE_DIR"):
     # numba's default is __pycache__ beside this file, which may be read-only (site-packages).
     numba.config.CACHE_DIR = str(cache_dir() / "numba")
+if not os.environ.get("NUMBA_THREADING_LAYER"):
+    # numba's own thread pool, not OpenMP: a generated token starts ~120 parallel loops, and with
+    # another process busy on the machine GNU OpenMP's wake-ups took 0.1-16 ms each here (tokens
+    # 10x slower), the workqueue's 30-60 µs. The workqueue must not be entered from two threads at
+    # once: callers hold LAUNCH.
+    numba.config.THREADING_LAYER = "workqueue"
+
+LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
