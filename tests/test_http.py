@@ -478,3 +478,51 @@ def test_serve_needs_a_face_and_the_extra(model_path: Path, monkeypatch: pytest.
     monkeypatch.setitem(sys.modules, "edgebit.http.server", None)  # as if FastAPI/uvicorn were missing
     result = CliRunner().invoke(main, ["serve", str(model_path), "--http"])
     assert result.exit_code == 1 and "pip install 'edgebit[http]'" in result.output
+
+
+@pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
+                    reason="mosquitto is not installed")
+def test_one_process_serves_mqtt_and_http(model_path: Path, tmp_path: Path) -> None:
+    """--config and --http together: one engine behind both faces, giving the same numbers."""
+    from mqtt_broker import Broker, Client, unique_id
+
+    broker = Broker(tmp_path).start()
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(f'[broker]\nhost = "127.0.0.1"\nport = {broker.port}\n[node]\nid = "both"\nprefix = "tboth"\n'
+                      '[tasks.mood]\nkind = "classify"\nprompt = "Message: {text}\\nMood:"\n'
+                      'labels = ["calm", "alert", "panic"]\n')
+    proc = subprocess.Popen([sys.executable, "-m", "edgebit", "serve", str(model_path), "--config", str(config),
+                             "--http", f"127.0.0.1:{port}", "--backend", "reference"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "EDGEBIT_HOME": str(tmp_path)})
+    client = Client(broker.port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert proc.poll() is None, "the server exited"
+            try:
+                return httpx.get(url + "/health", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(up, 120)
+        client.subscribe("tboth/v1/node/both/info")
+        client.wait_json("tboth/v1/node/both/info", lambda info: info.get("state") == "ready")
+        client.subscribe("answers")
+        client.publish("tboth/v1/req/mood", {"v": 1, "id": unique_id(), "text": "boiler 95C"},
+                       response_topic="answers", correlation=b"c1")
+        [answer] = client.wait_json("answers")
+        over_http = post(url, "/v1/classify", {"input": "boiler 95C", "labels": ["calm", "alert", "panic"],
+                                               "prompt": "Message: {text}\nMood:"}).json()["data"][0]
+        assert answer["status"] == "ok", answer
+        assert answer["scores"] == pytest.approx(over_http["scores"], abs=1e-6)  # MQTT rounds to 6 places
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        broker.stop()
