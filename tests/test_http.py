@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -316,6 +317,7 @@ def test_errors_are_openai_error_objects(server: str, model: Model) -> None:
     assert_error(post(server, "/v1/completions", {"prompt": [1, 10**9]}), 400, "prompt")
     assert_error(httpx.post(server + chat, content=b"{not json", timeout=30), 400)
     assert_error(httpx.post(server + chat, content=b"[1, 2]", timeout=30), 400)
+    assert_error(httpx.post(server + chat, content=b"[" * 200_000, timeout=30), 400)  # deeper than the parser goes
     long = post(server, "/v1/completions", {"prompt": "a " * 3000, "max_tokens": 1})
     assert assert_error(long, 400, "prompt")["code"] == "context_length_exceeded"
     assert_error(httpx.get(server + "/v1/nothing", timeout=30), 404)
@@ -526,3 +528,47 @@ def test_one_process_serves_mqtt_and_http(model_path: Path, tmp_path: Path) -> N
             proc.kill()
             proc.wait()
         broker.stop()
+
+
+# --- the n8n examples
+
+
+N8N = Path(__file__).resolve().parent.parent / "examples" / "n8n"
+
+
+def _render(template: str, item: dict[str, str]) -> str:
+    """n8n's `={{ JSON.stringify(a + '\\n' + $json.b) }}` bodies, for the expressions the examples use:
+    `$json.NAME` fields and single-quoted literals joined by `+`."""
+    def expression(match: Any) -> str:
+        parts = [part.strip() for part in match.group(1).split("+")]
+        values = [item[part[6:]] if part.startswith("$json.") else json.loads('"' + part[1:-1] + '"')
+                  for part in parts]
+        return json.dumps("".join(values))
+
+    return re.sub(r"\{\{ JSON\.stringify\((.*?)\) \}\}", expression, template.removeprefix("="))
+
+
+@pytest.mark.parametrize("name", ["email-triage.json", "invoice-extraction.json"])
+def test_n8n_workflows_call_the_server(server: str, name: str) -> None:
+    """Each workflow imports as n8n JSON (nodes, connections), and its HTTP Request node's body, filled
+    with the sample node's values, is answered in the shape the next node reads."""
+    flow = json.loads((N8N / name).read_text())
+    nodes = {node["name"]: node for node in flow["nodes"]}
+    for source, outputs in flow["connections"].items():
+        assert source in nodes and all(link["node"] in nodes for out in outputs["main"] for link in out)
+    [http] = [n for n in flow["nodes"] if n["type"] == "n8n-nodes-base.httpRequest"]
+    [sample] = [n for n in flow["nodes"] if n["name"].startswith("Sample")]
+    item = {a["name"]: a["value"] for a in sample["parameters"]["assignments"]["assignments"]}
+    params = http["parameters"]
+    assert params["method"] == "POST" and params["url"].startswith("http://127.0.0.1:8080/v1/")
+    body = json.loads(_render(params["jsonBody"], item))
+    reply = post(server, params["url"].removeprefix("http://127.0.0.1:8080"), body)
+    assert reply.status_code == 200, reply.text
+    data = reply.json()
+    if "classify" in params["url"]:
+        assert data["data"][0]["label"] in body["labels"]
+    else:
+        choice = data["choices"][0]
+        if choice["finish_reason"] == "stop":
+            schema = body["response_format"]["json_schema"]["schema"]
+            jsonschema.validate(json.loads(choice["message"]["content"]), schema)
