@@ -196,6 +196,12 @@ class Model:
 
     # --- generation
 
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None) -> list[int]:
+        """The token ids `generate` would run for this prompt or chat; ContextLengthError if they do not fit."""
+        ids = self._prompt_ids(prompt, messages)
+        self._check_context(len(ids))
+        return ids
+
     def _prompt_ids(self, prompt: str | Sequence[int] | None, messages: list[dict] | None) -> list[int]:
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt= or messages=")

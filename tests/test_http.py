@@ -470,16 +470,13 @@ def test_serve_command_http(model_path: Path) -> None:
             proc.wait()
 
 
-def test_serve_needs_a_face_and_the_extra(model_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_needs_a_face(model_path: Path) -> None:
     from click.testing import CliRunner
 
     from edgebit.cli import main
 
     result = CliRunner().invoke(main, ["serve", str(model_path)])
     assert result.exit_code == 2 and "--http" in result.output
-    monkeypatch.setitem(sys.modules, "edgebit.http.server", None)  # as if FastAPI/uvicorn were missing
-    result = CliRunner().invoke(main, ["serve", str(model_path), "--http"])
-    assert result.exit_code == 1 and "pip install 'edgebit[http]'" in result.output
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),

@@ -225,9 +225,7 @@ class ChatPlan:
 
     def prepare(self, grammars: GrammarFactory) -> Callable[[Model], tuple[list[int], Constraint | None]]:
         def run(model: Model) -> tuple[list[int], Constraint | None]:
-            ids = model._prompt_ids(None, self.messages)
-            model._check_context(len(ids))
-            return ids, self._constraint(grammars)
+            return model.prompt_ids(messages=self.messages), self._constraint(grammars)
         return run
 
     def _constraint(self, grammars: GrammarFactory) -> Constraint | None:
@@ -368,9 +366,7 @@ def create_app(scheduler: Scheduler, model_name: str, api_keys: list[str] | None
         prompt = req.prompt[0] if isinstance(req.prompt, list) and isinstance(req.prompt[0], str) else req.prompt
 
         def prepare(m: Model) -> tuple[list[int], Constraint | None]:
-            ids = m._prompt_ids(prompt, None)
-            m._check_context(len(ids))
-            return ids, None
+            return m.prompt_ids(prompt=prompt), None
 
         job = submit(prepare, req, req.max_tokens)
         n_prompt = await started(job, "prompt")
