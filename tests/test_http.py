@@ -204,6 +204,12 @@ def test_openai_client(server: str) -> None:
     call = called.choices[0].message.tool_calls[0]
     assert call.type == "function" and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    deltas = list(client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Weather?"}], max_tokens=96, seed=5, tools=[WEATHER],
+        tool_choice="required", stream=True))
+    [streamed] = [d.choices[0].delta.tool_calls[0] for d in deltas if d.choices[0].delta.tool_calls]
+    assert streamed.function.name == "get_weather" and deltas[-1].choices[0].finish_reason == "tool_calls"
+    jsonschema.validate(json.loads(streamed.function.arguments), WEATHER["function"]["parameters"])
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}], n=2)
     assert info.value.body["param"] == "n"
@@ -295,6 +301,9 @@ def test_tool_choice_auto_and_named(server: str) -> None:
             jsonschema.validate(json.loads(fn["arguments"]), schema)
         else:
             assert auto["finish_reason"] in ("stop", "length") and isinstance(auto["message"]["content"], str)
+    cut = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_tokens": 96,
+                                                "tools": [WEATHER], "tool_choice": "required", "stop": ['"']})
+    assert cut.status_code == 200 and cut.json()["choices"][0]["message"]["content"] == "{"  # cut: plain text
     assert_error(post(server, "/v1/chat/completions", {
         "messages": [{"role": "user", "content": "x"}], "tools": [WEATHER],
         "tool_choice": {"type": "function", "function": {"name": "nope"}}}), 400, "tool_choice")

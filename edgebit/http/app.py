@@ -238,8 +238,8 @@ class ChatPlan:
 
     def message(self, text: str, finish: str) -> tuple[dict[str, Any], str]:
         """The assistant message of a finished reply, and the finish_reason to report."""
-        if self.tools_active and finish == "stop":
-            reply = json.loads(text)  # the grammar guarantees a complete document when finish is "stop"
+        reply = _loads_or_text(text) if self.tools_active and finish == "stop" else None
+        if isinstance(reply, dict):  # complete unless a `stop` string cut the document: then it is text
             if "name" in reply:
                 call = {"id": p.new_id("call"), "type": "function",
                         "function": {"name": reply["name"], "arguments": json.dumps(reply["arguments"])}}
