@@ -113,7 +113,9 @@ class Model:
         self.transformer.new_cache(kv_dtype)  # validates kv_dtype now rather than at first use
         self.config = self.transformer.config
         self.scorer = LabelScorer(self.transformer, self.tokenizer, kv_dtype)
-        self.prompt_cache = PromptCache(PROMPT_CACHE_BYTES)
+        # ggml numerics round a lone row differently from a prompt batch: a prompt whose last token alone
+        # is left to evaluate would not give bitnet.cpp's numbers, so that parity mode does not reuse prompts
+        self.prompt_cache = PromptCache(PROMPT_CACHE_BYTES if numerics == "reference" else 0)
 
     # --- description
 
@@ -263,7 +265,11 @@ class Model:
         if going:
             hidden = self.transformer.forward_rows(np.asarray([seq.last for seq in going]),
                                                    [seq.cache for seq in going])
-            for seq, row in zip(going, self.transformer.logits(hidden), strict=True):
+            if self.transformer.numerics == "ggml":  # ggml rounds a lone decode row to f16: keep rows apart
+                rows = [self.transformer.logits(hidden[r : r + 1])[0] for r in range(len(going))]
+            else:
+                rows = list(self.transformer.logits(hidden))
+            for seq, row in zip(going, rows, strict=True):
                 seq.logits = row
         return pieces
 
@@ -367,12 +373,11 @@ class PromptCache:
 
     def store(self, ids: Sequence[int], cache: KVCache) -> None:
         """Keep a copy of the KV cache of a prefilled prompt (its `len(ids)` first positions)."""
-        if self.max_bytes <= 0:
+        per_token = 2 * cache.n_layer * cache.n_head_kv * cache.head_dim * np.dtype(cache.dtype).itemsize
+        if len(ids) * per_token > self.max_bytes:
             return
         entry = cache.copy()
         entry.truncate(len(ids))
-        if entry.nbytes > self.max_bytes:
-            return
         key = tuple(ids)
         with self._lock:
             self._entries.pop(key, None)

@@ -70,10 +70,9 @@ class GrammarFactory:
             if self._ll_tokenizer is None:
                 llg = _llguidance()
                 adapter = _VocabularyAdapter(self.tokenizer, self.n_vocab)
-                eos = sorted(self.tokenizer.stop_ids) or ([adapter.eos_token_id] if adapter.eos_token_id is not None
-                                                         else [])
+                # every stop id ends a document, so the grammar allows them exactly where it may end
                 self._ll_tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(adapter), n_vocab=self.n_vocab,
-                                                     eos_token=eos)
+                                                     eos_token=sorted(self.tokenizer.stop_ids) or None)
             return self._ll_tokenizer
 
     def json_schema(self, schema: dict[str, Any]) -> Grammar:
