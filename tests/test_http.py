@@ -479,13 +479,23 @@ def test_serve_command_http(model_path: Path) -> None:
             proc.wait()
 
 
-def test_serve_needs_a_face(model_path: Path) -> None:
+def test_serve_needs_a_face_and_reads_http_settings(model_path: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
     from edgebit.cli import main
 
     result = CliRunner().invoke(main, ["serve", str(model_path)])
     assert result.exit_code == 2 and "--http" in result.output
+    monkeypatch.setenv("EDGEBIT_HOME", str(tmp_path))
+    (tmp_path / "keys").write_text("k1\nk2\n")
+    (tmp_path / "config.toml").write_text(f'[http]\nlisten = "127.0.0.1:9123"\napi_key_file = "{tmp_path}/keys"\n')
+    result = CliRunner().invoke(main, ["serve", str(model_path), "--check"])  # the config file enables HTTP
+    assert result.exit_code == 0 and "http    http://127.0.0.1:9123/v1 (API keys: 2)" in result.output
+    result = CliRunner().invoke(main, ["serve", str(model_path), "--check", "--http", "127.0.0.1:9"])
+    assert "http://127.0.0.1:9/v1" in result.output  # the flag wins
+    result = CliRunner().invoke(main, ["serve", str(model_path), "--check", "--http", "nowhere"])
+    assert result.exit_code == 2 and "HOST:PORT" in result.output
 
 
 @pytest.mark.skipif(shutil.which("mosquitto") is None and not Path("/usr/sbin/mosquitto").exists(),
