@@ -12,10 +12,14 @@ Directories come from platformdirs (`~/.local/share/edgebit`, `~/.cache/edgebit`
     [broker]
     host = "mqtt.local"
     port = 1883
+    [http]
+    listen = "127.0.0.1:8080"        # `edgebit serve --http` without an address uses this
+    api_key_file = "/etc/edgebit/keys"
 
 Each setting is resolved as command-line flag > environment variable > config file > built-in
 default. The environment variables are `EDGEBIT_MODEL`, `EDGEBIT_BACKEND`, `EDGEBIT_THREADS`,
-`EDGEBIT_MQTT_HOST` and `EDGEBIT_MQTT_PORT` (the names `edgebit serve` uses too).
+`EDGEBIT_MQTT_HOST`, `EDGEBIT_MQTT_PORT`, `EDGEBIT_HTTP` and `EDGEBIT_API_KEY_FILE` (the names
+`edgebit serve` uses too).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ SETTINGS = {
         Setting("threads", "EDGEBIT_THREADS", int, None),
         Setting("broker.host", "EDGEBIT_MQTT_HOST", str, "localhost"),
         Setting("broker.port", "EDGEBIT_MQTT_PORT", int, 1883),
+        Setting("http.listen", "EDGEBIT_HTTP", str, "127.0.0.1:8080"),
+        Setting("http.api_key_file", "EDGEBIT_API_KEY_FILE", str, None),
     )
 }
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,13 +25,14 @@ from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
 from .classify import LabelScorer, default_template
 from .gguf import GGUFFile
-from .sampling import Sampler, SamplingParams
+from .sampling import Constraint, Sampler, SamplingParams
 from .tokenizer import Tokenizer
 from .transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 256  # prompt tokens per forward call: bounds the attention score memory
+PROMPT_CACHE_BYTES = 256 << 20  # KV caches of recent prompts kept for reuse (LRU); 0 disables
 
 
 class ContextLengthError(ValueError):
@@ -111,6 +113,9 @@ class Model:
         self.transformer.new_cache(kv_dtype)  # validates kv_dtype now rather than at first use
         self.config = self.transformer.config
         self.scorer = LabelScorer(self.transformer, self.tokenizer, kv_dtype)
+        # ggml numerics round a lone row differently from a prompt batch: a prompt whose last token alone
+        # is left to evaluate would not give bitnet.cpp's numbers, so that parity mode does not reuse prompts
+        self.prompt_cache = PromptCache(PROMPT_CACHE_BYTES if numerics == "reference" else 0)
 
     # --- description
 
@@ -193,6 +198,12 @@ class Model:
 
     # --- generation
 
+    def prompt_ids(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None) -> list[int]:
+        """The token ids `generate` would run for this prompt or chat; ContextLengthError if they do not fit."""
+        ids = self._prompt_ids(prompt, messages)
+        self._check_context(len(ids))
+        return ids
+
     def _prompt_ids(self, prompt: str | Sequence[int] | None, messages: list[dict] | None) -> list[int]:
         if (prompt is None) == (messages is None):
             raise ValueError("give exactly one of prompt= or messages=")
@@ -205,12 +216,15 @@ class Model:
     def generate(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None,
                  max_tokens: int = 256, temperature: float = 0.8, top_k: int = 40, top_p: float = 0.95,
                  min_p: float = 0.05, repeat_penalty: float = 1.0, seed: int | None = None,
-                 stop: str | Sequence[str] | None = None, stream: bool = False) -> str | Generation:
+                 stop: str | Sequence[str] | None = None, stream: bool = False,
+                 constraint: Constraint | None = None) -> str | Generation:
         """Continue a prompt (text or token ids) or a chat (`messages`). Returns the text, or with
         `stream=True` a `Generation` that yields text pieces as they are decoded.
 
         Stops at a stop token (the tokenizer's end-of-turn ids), at any of the `stop` strings (not
-        included in the text), after `max_tokens`, or when the context is full.
+        included in the text), after `max_tokens`, or when the context is full. A `constraint`
+        (e.g. `edgebit.structured.Grammar`) limits every sampled token to those it allows, and ends
+        the generation when it is complete.
         """
         if max_tokens < 0:
             raise ValueError("max_tokens must be >= 0")
@@ -220,43 +234,53 @@ class Model:
         self._check_context(len(ids) + (1 if max_tokens else 0))
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         gen = Generation(iter(()), len(ids))
-        gen._pieces = self._run(gen, ids, max_tokens, Sampler(params), stops)
+        gen._pieces = self._run(gen, ids, max_tokens, Sampler(params), stops, constraint)
         return gen if stream else gen.result().text
 
+    def start(self, ids: Sequence[int], max_tokens: int, sampler: Sampler, stops: Sequence[str] = (),
+              constraint: Constraint | None = None, gen: Generation | None = None) -> DecodeState:
+        """Prefill a prompt (reusing the cached KV of its longest known prefix) and return the sequence,
+        ready for `step`. The scheduler of the HTTP face runs many of these together."""
+        ids = list(self._check_ids(ids))
+        self._check_context(len(ids) + (1 if max_tokens else 0))
+        gen = gen if gen is not None else Generation(iter(()), len(ids))
+        seq = DecodeState(self, ids, max_tokens, sampler, [s for s in stops if s], constraint, gen)
+        if max_tokens:
+            seq.cache, seq.reused = self.prompt_cache.lookup(ids, self.new_cache)
+            seq.logits = self.prefill(seq.cache, ids[seq.reused:])
+            self.prompt_cache.store(ids, seq.cache)
+        else:
+            seq.done = True
+        return seq
+
+    def step(self, seqs: Sequence[DecodeState]) -> list[str]:
+        """Advance every unfinished sequence by one token; returns the text each one released.
+
+        Sampling uses the logits each holds; then the sampled tokens of all sequences that go on are
+        evaluated in ONE forward call (one batched product per projection), each row against its own
+        KV cache, which gives every sequence its next logits.
+        """
+        pieces = [seq.advance() if not seq.done else "" for seq in seqs]
+        going = [seq for seq in seqs if not seq.done]
+        if going:
+            hidden = self.transformer.forward_rows(np.asarray([seq.last for seq in going]),
+                                                   [seq.cache for seq in going])
+            if self.transformer.numerics == "ggml":  # ggml rounds a lone decode row to f16: keep rows apart
+                rows = [self.transformer.logits(hidden[r : r + 1])[0] for r in range(len(going))]
+            else:
+                rows = list(self.transformer.logits(hidden))
+            for seq, row in zip(going, rows, strict=True):
+                seq.logits = row
+        return pieces
+
     def _run(self, gen: Generation, ids: list[int], max_tokens: int, sampler: Sampler,
-             stops: list[str]) -> Iterator[str]:
-        """The decode loop behind `generate`: sample, detokenize safely, hold back partial stop strings."""
-        cache = self.new_cache()
-        history = list(ids)
-        decoder = self.tokenizer.stream_decoder()
-        pending = ""  # decoded text not yet released (could be the start of a stop string)
-        gen.finish_reason = "length"
-        logits = self.prefill(cache, ids) if max_tokens else None
-        for step in range(max_tokens):
-            token = sampler(logits, history)
-            if token in self.tokenizer.stop_ids:
-                gen.finish_reason = "stop"
-                break
-            history.append(token)
-            gen.token_ids.append(token)
-            gen.completion_tokens += 1
-            pending += decoder.push(token)
-            cut = min((pending.find(s) for s in stops if s in pending), default=-1)
-            if cut >= 0:
-                gen.finish_reason = "stop"
-                pending = pending[:cut]
-                break
-            hold = _stop_prefix_len(pending, stops)
-            if len(pending) > hold:
-                yield pending[: len(pending) - hold]
-                pending = pending[len(pending) - hold :]
-            if step + 1 == max_tokens or cache.length + 1 > self.config.n_ctx:
-                break
-            logits = self.prefill(cache, [token])
-        if gen.finish_reason == "length":
-            pending += decoder.flush()
-        if pending:
-            yield pending
+             stops: list[str], constraint: Constraint | None = None) -> Iterator[str]:
+        """The decode loop behind `generate`: one sequence stepped until it is done."""
+        seq = self.start(ids, max_tokens, sampler, stops, constraint, gen)
+        while not seq.done:
+            piece = self.step([seq])[0]
+            if piece:
+                yield piece
 
     def complete(self, prompt: str | Sequence[int] | None = None, messages: list[dict] | None = None,
                  **kwargs: Any) -> Completion:
@@ -311,3 +335,130 @@ class Model:
             total += float((logz - scored[np.arange(targets.size), targets]).sum())
             count += targets.size
         return total / count
+
+
+class PromptCache:
+    """KV caches of recent prompts, so a prompt sharing a long token prefix with an earlier one (the
+    same instruction before every item) prefills only its new tokens. As llama-server's prompt
+    cache: the longest shared prefix wins; bounded by bytes; least recently used evicted first.
+    Entries are private copies, so a sequence decoding on top of its copy never changes them."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[int, ...], KVCache] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._entries.values())
+
+    def lookup(self, ids: Sequence[int], new_cache: Callable[[], KVCache]) -> tuple[KVCache, int]:
+        """A cache holding the longest cached prefix of `ids` (always leaving one token to evaluate,
+        whose logits start the generation), and that prefix's length (0: a fresh cache)."""
+        best, best_key = 0, None
+        with self._lock:
+            for key in self._entries:
+                n = min(_common_prefix(key, ids), len(ids) - 1)
+                if n > best:
+                    best, best_key = n, key
+            if best_key is None:
+                self.misses += 1
+                return new_cache(), 0
+            self.hits += 1
+            self._entries.move_to_end(best_key)
+            cache = self._entries[best_key].copy()
+        cache.truncate(best)
+        return cache, best
+
+    def store(self, ids: Sequence[int], cache: KVCache) -> None:
+        """Keep a copy of the KV cache of a prefilled prompt (its `len(ids)` first positions)."""
+        per_token = 2 * cache.n_layer * cache.n_head_kv * cache.head_dim * np.dtype(cache.dtype).itemsize
+        if len(ids) * per_token > self.max_bytes:
+            return
+        entry = cache.copy()
+        entry.truncate(len(ids))
+        key = tuple(ids)
+        with self._lock:
+            self._entries.pop(key, None)
+            for other in [k for k in self._entries if k == key[: len(k)]]:
+                del self._entries[other]  # a prefix of the new prompt: the new entry serves it too
+            self._entries[key] = entry
+            total = sum(c.nbytes for c in self._entries.values())
+            while total > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                total -= old.nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class DecodeState:
+    """One generation in progress: its KV cache, sampler, constraint, and the detokenized text not yet
+    released (it could be the start of a stop string). `Model.step` advances it one token at a time."""
+
+    def __init__(self, model: Model, ids: list[int], max_tokens: int, sampler: Sampler, stops: list[str],
+                 constraint: Constraint | None, gen: Generation) -> None:
+        self.model = model
+        self.history = list(ids)
+        self.max_tokens = max_tokens
+        self.sampler = sampler
+        self.stops = stops
+        self.constraint = constraint
+        self.gen = gen
+        self.cache: KVCache | None = None
+        self.reused = 0  # prompt tokens whose KV came from the prompt cache
+        self.logits: np.ndarray | None = None
+        self.decoder = model.tokenizer.stream_decoder()
+        self.pending = ""
+        self.last = -1
+        self.done = False
+        gen.finish_reason = "length"
+
+    def advance(self) -> str:
+        """Sample the next token from the held logits; returns the text now safe to release. Sets
+        `done` (and the generation's finish_reason) when the sequence ends."""
+        gen, tok = self.gen, self.model.tokenizer
+        allowed = self.constraint.allowed() if self.constraint is not None else None
+        token = self.sampler(self.logits, self.history, allowed)
+        if token in tok.stop_ids:
+            gen.finish_reason = "stop"
+            return self._end()
+        if self.constraint is not None:
+            self.constraint.accept(token)
+        self.history.append(token)
+        gen.token_ids.append(token)
+        gen.completion_tokens += 1
+        self.last = token
+        self.pending += self.decoder.push(token)
+        cut = min((self.pending.find(s) for s in self.stops if s in self.pending), default=-1)
+        if cut >= 0:
+            gen.finish_reason = "stop"
+            self.pending = self.pending[:cut]
+            return self._end()
+        if self.constraint is not None and self.constraint.finished():
+            gen.finish_reason = "stop"
+            self.pending += self.decoder.flush()
+            return self._end()
+        if gen.completion_tokens == self.max_tokens or self.cache.length + 1 > self.model.config.n_ctx:
+            self.pending += self.decoder.flush()
+            return self._end()
+        hold = _stop_prefix_len(self.pending, self.stops)
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        return out
+
+    def _end(self) -> str:
+        """Finish: release everything held (a cut stop string is already removed)."""
+        self.done = True
+        out, self.pending = self.pending, ""
+        return out

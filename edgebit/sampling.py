@@ -1,13 +1,15 @@
 """Choosing the next token from logits: llama.cpp's sampler chain in numpy.
 
 Order (as llama.cpp's server): repetition penalty → top-k → top-p → min-p → temperature → draw.
-A temperature of 0 (or below) means greedy: the arg-max after the penalty.
+A temperature of 0 (or below) means greedy: the arg-max after the penalty. A `Constraint`
+(structured outputs) first removes every token it does not allow, as llama.cpp's grammar sampler.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -38,6 +40,22 @@ class SamplingParams:
                 raise ValueError(message)
 
 
+class Constraint(Protocol):
+    """Limits which tokens may come next (a grammar); see `edgebit.structured.Grammar`."""
+
+    def allowed(self) -> np.ndarray:
+        """Boolean mask over the vocabulary: the tokens that may come next."""
+        ...
+
+    def accept(self, token: int) -> None:
+        """Advance past a sampled (allowed) token."""
+        ...
+
+    def finished(self) -> bool:
+        """True when nothing may follow (the generation ends here)."""
+        ...
+
+
 def _softmax(x: np.ndarray) -> np.ndarray:
     e = np.exp(x - x.max())
     return e / e.sum()
@@ -61,9 +79,14 @@ class Sampler:
         logits[recent] = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)
         return logits
 
-    def __call__(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+    def __call__(self, logits: np.ndarray, history: Sequence[int] = (), allowed: np.ndarray | None = None) -> int:
+        """The next token; `allowed` (bool per vocabulary entry) removes every other token first."""
         p = self.params
         logits = self.penalize(np.asarray(logits, dtype=np.float64), history)
+        if allowed is not None:
+            if not allowed[: logits.size].any():
+                raise ValueError("the constraint allows no token of the vocabulary")
+            logits = np.where(allowed[: logits.size], logits, -np.inf)
         if p.temperature <= 0:
             return int(np.argmax(logits))
         ids = np.arange(logits.size)

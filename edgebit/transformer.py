@@ -185,6 +185,18 @@ class KVCache:
         return sum(a.nbytes for a in self.k + self.v)
 
 
+@dataclass
+class _Segment:
+    """Rows start:stop of a forward call that continue one KV cache, at `positions`, seeing `mask`
+    (rows × cached + new keys)."""
+
+    cache: KVCache
+    start: int
+    stop: int
+    positions: np.ndarray
+    mask: np.ndarray
+
+
 def _f16_round(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
@@ -388,15 +400,30 @@ class Transformer:
         token may attend to (default causal); every cached token is visible. The new keys and values
         are appended to the cache (callers may `truncate` afterwards to discard them).
         """
-        cfg = self.config
         ids = np.asarray(ids, dtype=np.int64)
         T, past = len(ids), cache.length
-        if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_vocab):
-            raise ValueError(f"token id out of range 0..{cfg.n_vocab - 1}")
         positions = past + np.arange(T) if positions is None else np.asarray(positions)
         new_mask = np.tril(np.ones((T, T), dtype=bool)) if mask is None else mask
         full_mask = np.concatenate([np.ones((T, past), dtype=bool), new_mask], axis=1)
-        cache.reserve(past + T)
+        return self._layers(ids, [_Segment(cache, 0, T, positions, full_mask)])
+
+    def forward_rows(self, ids: np.ndarray, caches: list[KVCache]) -> np.ndarray:
+        """One new token for each of several sequences, row r continuing `caches[r]` (continuous
+        batching): the projections run once for all rows, attention per row against its own cache.
+        Each row gives the numbers `forward(ids[r:r+1], caches[r])` gives."""
+        ids = np.asarray(ids, dtype=np.int64)
+        segments = [_Segment(c, r, r + 1, np.array([c.length]), np.ones((1, c.length + 1), dtype=bool))
+                    for r, c in enumerate(caches)]
+        return self._layers(ids, segments)
+
+    def _layers(self, ids: np.ndarray, segments: list[_Segment]) -> np.ndarray:
+        """The decoder blocks over all rows of `ids`; each segment's rows extend its own KV cache."""
+        cfg = self.config
+        T = len(ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= cfg.n_vocab):
+            raise ValueError(f"token id out of range 0..{cfg.n_vocab - 1}")
+        for seg in segments:
+            seg.cache.reserve(seg.cache.length + seg.stop - seg.start)
 
         h = self.token_embd[ids].astype(np.float32)
         for i, layer in enumerate(self.layers):
@@ -406,12 +433,16 @@ class Transformer:
             q = q.reshape(T, cfg.n_head, cfg.head_dim).transpose(1, 0, 2)
             k = k.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
             v = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
-            q, k = self.rope(q, positions), self.rope(k, positions)
-            cache.k[i][:, past : past + T] = k
-            cache.v[i][:, past : past + T] = v
-            keys = cache.k[i][:, : past + T].astype(np.float32, copy=False)
-            values = cache.v[i][:, : past + T].astype(np.float32, copy=False)
-            o = self.attention(q, keys, values, full_mask)
+            o = np.empty((T, cfg.n_embd), dtype=np.float32)
+            for seg in segments:
+                rows, cache, past = slice(seg.start, seg.stop), seg.cache, seg.cache.length
+                end = past + seg.stop - seg.start
+                sq, sk = self.rope(q[:, rows], seg.positions), self.rope(k[:, rows], seg.positions)
+                cache.k[i][:, past:end] = sk
+                cache.v[i][:, past:end] = v[:, rows]
+                keys = cache.k[i][:, :end].astype(np.float32, copy=False)
+                values = cache.v[i][:, :end].astype(np.float32, copy=False)
+                o[rows] = self.attention(sq, keys, values, seg.mask)
             xq, gamma = self.norm_quantize(o, layer.attn_sub_norm)
             h = h + self.bitlinear(layer, ("attn_output",), xq, gamma)[0]
             # feed-forward block
@@ -419,7 +450,8 @@ class Transformer:
             z = self.ffn_activation(*self.bitlinear(layer, ("ffn_gate", "ffn_up"), xq, gamma))
             xq, gamma = self.norm_quantize(z, layer.ffn_sub_norm)
             h = h + self.bitlinear(layer, ("ffn_down",), xq, gamma)[0]
-        cache.length = past + T
+        for seg in segments:
+            seg.cache.length += seg.stop - seg.start
         return h
 
     def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:

@@ -213,3 +213,64 @@ def test_lm_head_forms(tiny_model: Path) -> None:
     np.testing.assert_array_equal(f16.logits(ids), f32)
     i8 = edgebit.load(tiny_model, lm_head="int8", backend="reference").logits(ids)
     assert 0 < np.abs(i8 - f32).max() < 0.05 * (f32.max() - f32.min())
+
+
+def test_batched_step_equals_one_sequence_at_a_time(model: Model, no_stop_tokens: None) -> None:
+    """Continuous batching: sequences of different lengths stepped together give each one's own tokens."""
+    from edgebit.sampling import Sampler, SamplingParams
+
+    prompts = [[509, 10, 20, 30], [509, 7], [509, 40, 41, 42, 43, 44, 45]]
+    alone = [model.complete(prompt=p, max_tokens=6, temperature=0).token_ids for p in prompts]
+    model.prompt_cache.clear()
+    seqs = [model.start(p, 6, Sampler(SamplingParams(temperature=0))) for p in prompts]
+    while not all(s.done for s in seqs):
+        model.step(seqs)
+    assert [s.gen.token_ids for s in seqs] == alone
+    ids = np.array([3, 4, 5])
+    caches = [model.new_cache() for _ in range(3)]
+    for c, p in zip(caches, prompts, strict=True):
+        model.prefill(c, p)
+    rows = model.transformer.forward_rows(ids, caches)
+    for r, p in enumerate(prompts):
+        cache = model.new_cache()
+        model.prefill(cache, p)
+        np.testing.assert_array_equal(rows[r], model.transformer.forward(ids[r : r + 1], cache)[0])
+
+
+def test_prompt_cache_reuses_the_longest_prefix(model: Model, no_stop_tokens: None) -> None:
+    model.prompt_cache.clear()
+    shared = list(range(1, 40))
+    first = model.complete(prompt=[509, *shared, 50], max_tokens=5, temperature=0)
+    hits = model.prompt_cache.hits
+    from edgebit.sampling import Sampler, SamplingParams
+
+    seq = model.start([509, *shared, 60, 61], 5, Sampler(SamplingParams(temperature=0)))
+    assert model.prompt_cache.hits == hits + 1 and seq.reused == 1 + len(shared)
+    while not seq.done:
+        model.step([seq])
+    cold = edgebit.load(model.path, backend="reference")
+    cold.prompt_cache.max_bytes = 0
+    assert seq.gen.token_ids == cold.complete(prompt=[509, *shared, 60, 61], max_tokens=5, temperature=0).token_ids
+    again = model.complete(prompt=[509, *shared, 50], max_tokens=5, temperature=0)  # the whole prompt is cached
+    assert again.token_ids == first.token_ids
+
+
+def test_prompt_cache_is_bounded_and_lru(model: Model) -> None:
+    from edgebit.engine import PromptCache
+
+    cache = PromptCache(max_bytes=0)
+    kv = model.new_cache()
+    model.prefill(kv, [509, 1, 2, 3])
+    per_token = kv.copy().nbytes // 4
+    cache.max_bytes = per_token * 9  # room for two 4-token prompts, not three
+    for first in (1, 2, 3):
+        kv = model.new_cache()
+        model.prefill(kv, [509, first, 2, 3])
+        cache.store([509, first, 2, 3], kv)
+    assert cache.nbytes <= cache.max_bytes
+    assert cache.lookup([509, 1, 2, 3, 9], model.new_cache)[1] == 1  # evicted: only BOS is shared
+    assert cache.lookup([509, 3, 2, 3, 9], model.new_cache)[1] == 4
+    kv = model.new_cache()
+    model.prefill(kv, [509, 3, 2, 3, 9, 9])
+    cache.store([509, 3, 2, 3, 9, 9], kv)  # replaces its own prefix; 4 + 6 tokens exceed the budget
+    assert list(cache._entries) == [(509, 3, 2, 3, 9, 9)]  # so the least recently used one went too

@@ -1,4 +1,5 @@
-"""The `serve` command: run a model as an MQTT node (see edgebit.mqtt and MQTT_PROTOCOL.md)."""
+"""The `serve` command: run a model as an MQTT node (see edgebit.mqtt and MQTT_PROTOCOL.md), an
+OpenAI-compatible HTTP server (edgebit.http), or both in one process around one engine."""
 
 from __future__ import annotations
 
@@ -64,8 +65,20 @@ FILE = click.Path(dir_okay=False)
 @main.command()
 @click.argument("model", required=False)
 @model_option
-@click.option("-c", "--config", "config_path", required=True, type=FILE,
-              help="TOML file with [broker], [node], [limits] and [tasks.NAME] tables.")
+@click.option("-c", "--config", "config_path", type=FILE,
+              help="MQTT: TOML file with [broker], [node], [limits] and [tasks.NAME] tables.")
+@click.option("--http", "http_listen", is_flag=False, flag_value="", default=None, metavar="HOST:PORT",
+              help="Serve the OpenAI-compatible HTTP API on HOST:PORT (without a value: [http] listen in "
+                   "config.toml, else 127.0.0.1:8080) [env EDGEBIT_HTTP].")
+@click.option("--api-key-file", type=FILE,
+              help="HTTP: file with the accepted API keys, one per line [env EDGEBIT_API_KEY_FILE; keys also "
+                   "from EDGEBIT_API_KEYS]. No --api-key: arguments are visible to every user.")
+@click.option("--parallel", type=click.IntRange(1, 64), default=4, show_default=True,
+              help="HTTP: sequences decoded together (continuous batching).")
+@click.option("--max-queue", type=click.IntRange(1, 10000), default=16, show_default=True,
+              help="HTTP: requests allowed to wait; more are answered 429.")
+@click.option("--max-body", type=click.IntRange(1024), default=1 << 20, show_default=True,
+              help="HTTP: request body limit in bytes (413 beyond).")
 @click.option("--host", help="Broker host [env EDGEBIT_MQTT_HOST].")
 @click.option("--port", type=click.IntRange(1, 65535), help="Broker port [env EDGEBIT_MQTT_PORT].")
 @click.option("--username", help="Broker user name [env EDGEBIT_MQTT_USERNAME].")
@@ -83,19 +96,22 @@ FILE = click.Path(dir_okay=False)
 @backend_option
 @threads_option
 @kv_option
-def serve(model: str | None, model_opt: str | None, config_path: str, host: str | None, port: int | None,
+def serve(model: str | None, model_opt: str | None, config_path: str | None, http_listen: str | None,
+          api_key_file: str | None, parallel: int, max_queue: int, max_body: int, host: str | None, port: int | None,
           username: str | None, password_file: str | None, client_id: str | None, ca: str | None,
           cert: str | None, key: str | None, insecure: bool | None, node_id: str | None, check: bool,
           backend: str | None, threads: int | None, kv_dtype: str) -> None:
-    """Serve MODEL over MQTT with the tasks of a configuration file.
+    """Serve MODEL over MQTT with the tasks of a configuration file, and/or over HTTP (--http).
 
     Settings precedence: flag > EDGEBIT_* environment > --config file > config.toml > default.
     Stops cleanly on SIGTERM (publishes `offline`, finishes the batch in progress, leaves queued
-    requests to the broker for redelivery).
+    requests to the broker for redelivery). With both faces, one engine and one scheduler serve both.
 
     \b
-    Example:
+    Examples:
       edgebit serve ggml-model-i2_s.gguf --config /etc/edgebit/edgebit.toml --host mqtt.local
+      edgebit serve ggml-model-i2_s.gguf --http 127.0.0.1:8080
+      EDGEBIT_API_KEYS=secret edgebit serve bitnet-b1.58-2b-4t --http 0.0.0.0:8080 --config node.toml
     """
     flags = {"broker.host": host, "broker.port": port, "broker.username": username,
              "broker.password_file": password_file, "broker.client_id": client_id, "broker.tls.ca": ca,
@@ -104,17 +120,84 @@ def serve(model: str | None, model_opt: str | None, config_path: str, host: str 
     try:
         user = config.load_file()
         defaults = {name: user[name] for name in ("broker.host", "broker.port") if name in user}
-        cfg = load_config(config_path, flags, defaults=defaults)
+        cfg = load_config(config_path, flags, defaults=defaults) if config_path is not None else None
         backend, threads = config.resolve("backend", backend), config.resolve("threads", threads)
+        if http_listen is not None or "http.listen" in user or os.environ.get("EDGEBIT_HTTP"):
+            http_listen = config.resolve("http.listen", http_listen or None, file=user)
+            api_key_file = config.resolve("http.api_key_file", api_key_file, file=user)
     except (ConfigError, config.ConfigError) as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from None
+    if cfg is None and http_listen is None:
+        raise click.UsageError("give --config FILE (the MQTT node), --http [HOST:PORT], or both")
     path = resolve_model(one_model(model, model_opt))
+    http = _http_settings(http_listen, api_key_file) if http_listen is not None else None
     if check:
-        click.echo(f"model   {path}\n{_summary(cfg)}")
+        lines = [f"model   {path}"] + ([_summary(cfg)] if cfg else [])
+        if http:
+            lines.append(f"http    http://{http[0]}:{http[1]}/v1 (API keys: {len(http[2]) or 'none'})")
+        click.echo("\n".join(lines))
         return
     if log.getEffectiveLevel() > logging.INFO:  # a service reports its life cycle unless told otherwise
         log.setLevel(logging.INFO)
-    service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
-                      __version__, threads=threads)
-    _stop_on_signals(service.stop)
-    sys.exit(service.run())
+    if http is None:
+        service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
+                          __version__, threads=threads)
+        _stop_on_signals(service.stop)
+        sys.exit(service.run())
+    sys.exit(_serve_both(path, cfg, http, parallel, max_queue, max_body,
+                         lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype), threads))
+
+
+def _http_settings(listen: str, api_key_file: str | None) -> tuple[str, int, list[str]]:
+    """(host, port, API keys), or a usage error naming the bad value; checks that the extra is installed."""
+    try:
+        from ..http.server import load_api_keys, parse_listen
+    except ImportError:
+        from ..http import INSTALL_HINT
+
+        raise click.ClickException(INSTALL_HINT) from None
+    try:
+        host, port = parse_listen(listen)
+        keys = load_api_keys(api_key_file)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--http / --api-key-file") from None
+    return host, port, keys
+
+
+def _serve_both(path: str, cfg: ServeConfig | None, http: tuple[str, int, list[str]], parallel: int,
+                max_queue: int, max_body: int, load_model: Callable[[], object], threads: int | None) -> int:
+    """One engine and one scheduler; the HTTP server in this thread, the MQTT node (if configured) in
+    another, both stopped by one signal."""
+    from ..http.scheduler import EngineProxy, Scheduler
+    from ..http.server import make_server
+
+    host, port, keys = http
+    log.info("loading %s", path)
+    try:
+        model = load_model()
+    except Exception as exc:  # reported like the MQTT node reports it
+        log.error("could not load the model: %s", exc)
+        return 1
+    scheduler = Scheduler(model, max_active=parallel, max_queue=max_queue).start()
+    server = make_server(scheduler, model.info["name"], host, port, keys, max_body)
+    service = Service(cfg, lambda: EngineProxy(scheduler), __version__, threads=threads) if cfg else None
+    mqtt_thread = threading.Thread(target=service.run, name="edgebit-mqtt") if service else None
+
+    def stop() -> None:
+        server.stop()
+        if service is not None:
+            service.stop()
+
+    _stop_on_signals(stop)
+    if mqtt_thread is not None:
+        mqtt_thread.start()
+    log.info("serving %s on http://%s:%d/v1 (API keys: %s)", model.info["name"], host, port,
+             len(keys) if keys else "none")
+    try:
+        server.run()  # uvicorn exits the process (SystemExit) if it cannot bind: stop the rest first
+    finally:
+        if service is not None:
+            service.stop()
+            mqtt_thread.join()
+        scheduler.close()
+    return 0
