@@ -24,7 +24,7 @@ import edgebit
 from edgebit.backends.lm_head import LMHead
 from edgebit.bench import random_model
 
-BLOCKS = ("rmsnorm", "quantize_activations", "rope", "attention", "ffn_activation", "logits")
+BLOCKS = ("norm_quantize", "rmsnorm", "quantize_activations", "rope", "attention", "ffn_activation", "logits")
 
 
 def timed(totals: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -15,7 +15,8 @@ __version__ = "0.1.0"
 
 def load(path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
          kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
-         progress: Callable[[int, int], None] | None = None, lm_head: str | None = None):
+         progress: Callable[[int, int], None] | None = None, lm_head: str | None = None,
+         compile_progress: Callable[[int, int], None] | None = None):
     """Open a BitNet GGUF file and prepare it for inference.
 
     backend: a ternary kernel name (see `edgebit backends`); None picks one for this machine.
@@ -24,12 +25,15 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
     numerics: "reference" (plain float32, the model's math) or "ggml" (bitnet.cpp's f16 roundings).
     activation: override the FFN activation ("relu2" or "silu") for mislabelled files.
     progress: called as progress(layers_done, layers_total) while the weights are prepared.
-    lm_head: "float32" or "float16" (exact), "int8" (approximate, opt-in); None: float32 if it fits.
+    lm_head: "float32" or "float16" (exact), "int8" (approximate, opt-in); None: float16 with the
+        compiled kernels, else float32 if it fits.
+    compile_progress: called as progress(kernels_done, kernels_total) while the compiled kernels are
+        compiled for this CPU (first run, seconds) or loaded from the on-disk cache.
     """
     from .engine import Model
 
     return Model(path, backend=backend, threads=threads, kv_dtype=kv_dtype, numerics=numerics,
-                 activation=activation, progress=progress, lm_head=lm_head)
+                 activation=activation, progress=progress, lm_head=lm_head, compile_progress=compile_progress)
 
 
 def load_tokenizer(path: str | os.PathLike[str]):

@@ -5,8 +5,9 @@ one included); `tg N` generates N tokens one at a time from an empty context, gr
 is repeated and reported as mean ± standard deviation, after a short warm-up. Peak RSS is the
 high-water mark (VmHWM) of the process plus its helper lanes, so each backend is measured in a
 fresh process (`run_isolated`): one backend's arrays would otherwise count against the next.
-`random_model` writes (once) a random model of a real shape, so anyone can benchmark the 2B4T
-shape without downloading it.
+`random_model` writes (once) a random model of a real shape into the model store, marked as
+generated, so anyone can benchmark the 2B4T shape without downloading it; `edgebit models list`
+shows it and `edgebit models rm` removes it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -25,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from .backends.machine import detect
-from .backends.select import cache_dir
+from .config import cache_dir, models_dir
+from .store import record_generated
 from .synthetic import SHAPES, write_random_model
 
 
@@ -94,20 +97,32 @@ def peak_rss() -> int:
     return own + sum(_hwm(pid) or 0 for pid in _children())
 
 
+def random_model_path(shape: str, directory: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
+    """Where `random_model` keeps the model of this shape and seed (the store unless `directory`)."""
+    return (Path(directory) if directory is not None else models_dir()) / f"random-{shape}-seed{seed}.gguf"
+
+
 def random_model(shape: str, directory: str | os.PathLike[str] | None = None, seed: int = 0) -> Path:
-    """A random I2_S model of a named shape (synthetic.SHAPES) in the cache, written only if missing."""
+    """A random I2_S model of a named shape (synthetic.SHAPES), written only if missing: by default
+    into the model store as `random-SHAPE-seedN` (marked generated), else into `directory`."""
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; known shapes: {', '.join(SHAPES)}")
-    folder = Path(directory) if directory is not None else cache_dir() / "models"
-    path = folder / f"random-{shape}-seed{seed}.gguf"
+    path = random_model_path(shape, directory, seed)
+    folder = path.parent
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        try:
-            write_random_model(partial, shape, seed=seed)
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+        earlier = cache_dir() / "models" / path.name  # where earlier versions kept it, unlisted
+        if directory is None and earlier.is_file():
+            shutil.move(earlier, path)
+        else:
+            partial = path.with_suffix(f".{os.getpid()}.partial")
+            try:
+                write_random_model(partial, shape, seed=seed)
+                os.replace(partial, path)
+            finally:
+                partial.unlink(missing_ok=True)
+        if directory is None:
+            record_generated(path, f"random {shape} model, seed {seed} (edgebit.synthetic)")
     return path
 
 

@@ -1,11 +1,19 @@
 """Classification by label scoring, with the task's prompt prefix prefilled once.
 
 For a prompt template `prefix{text}suffix` and labels L_1..L_n, the score of L_j is the probability
-of L_j's tokens after `prefix + text + suffix`, normalised over the labels. Messages and all label
-continuations are evaluated in ONE forward pass as a token tree on top of the prefix's KV cache:
-each message attends to the prefix and itself, each label's tokens to the prefix, their message
-and their own earlier tokens. The LM head runs only for the rows that predict label tokens, and
-for a message's last row only for the labels' first tokens (single-token labels need no more).
+of the token sequence S_j = encode(prefix + text + suffix + sep + L_j), normalised over the labels:
+the model is asked about exactly the tokens it would see for the whole string, never about
+fragments encoded apart (BPE merges across the `{text}` seams; SentencePiece would add a '▁' to
+every fragment). Special-token texts are parsed in the template only, never in the text.
+
+The sequences S_j of one text share a token prefix C (capped so every label keeps a token); only the
+tails after C differ, and P(C) cancels in the normalisation. As llama-server's prompt cache does,
+the longest common token prefix of C and the encoded template prefix is prefilled once and its KV
+cache reused by every later message. The rest of each C and all label tails are evaluated in ONE
+forward pass as a token tree on top of it: each message attends to the cached prefix and itself,
+each label's tokens to the prefix, their message and their own earlier tokens. The LM head runs
+only for the rows that predict label tokens, and for a message's last row only for the labels'
+first tail tokens (single-token tails need no more).
 """
 
 from __future__ import annotations
@@ -30,9 +38,18 @@ DEFAULT_PLAIN_TEMPLATE = "Labels: {labels}\nMessage: {text}\nLabel:"
 
 @dataclass(frozen=True)
 class _Template:
-    prefix_ids: tuple[int, ...]
-    suffix_ids: tuple[int, ...]
+    before: tuple[str | int, ...]  # the prefix cut at special tokens (texts and ids), BOS first if added
+    after: tuple[str | int, ...]  # the suffix, likewise
     label_sep: str  # put before each label when the suffix does not end in white space
+    prefix_ids: tuple[int, ...]  # `before` encoded: where every filled prompt starts, up to the seam
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """One text's part of the token tree: its tokens after the cached prefix, and each label's tail."""
+
+    message: list[int]  # C after the cached prefix (at least one token: its last row predicts the tails)
+    tails: list[list[int]]  # per label: S_j after C (at least one token)
 
 
 def default_template(tokenizer: Tokenizer) -> str:
@@ -67,12 +84,36 @@ class LabelScorer:
             raise ValueError("a classification prompt must contain '{text}' exactly once")
         prefix, suffix = template.replace("{labels}", ", ".join(labels)).split("{text}")
         tok = self.tokenizer
-        prefix_ids = tok.encode(prefix, special=True) if prefix else []
-        if tok.add_bos and tok.bos_id is not None and prefix_ids[:1] != [tok.bos_id]:
-            prefix_ids.insert(0, tok.bos_id)
-        suffix_ids = tok.encode(suffix, special=True) if suffix else []
+        before = tok.split_special(prefix)
+        if tok.add_bos and tok.bos_id is not None and before[:1] != [tok.bos_id]:
+            before.insert(0, tok.bos_id)
         sep = "" if not suffix or suffix[-1].isspace() else " "
-        return _Template(tuple(prefix_ids), tuple(suffix_ids), sep)
+        return _Template(tuple(before), tuple(tok.split_special(suffix)), sep, tuple(self._encode(before)))
+
+    def _encode(self, pieces: Sequence[str | int]) -> list[int]:
+        """Ids of texts and special ids in order: adjacent texts are encoded as ONE string, so the ids are
+        those of encode(whole string, special=True) while the texts' own special-token texts stay text."""
+        ids: list[int] = []
+        run = ""
+        for piece in [*pieces, None]:
+            if isinstance(piece, str):
+                run += piece
+                continue
+            if run:
+                ids += self.tokenizer.encode(run)
+                run = ""
+            if piece is not None:
+                ids.append(piece)
+        return ids
+
+    def _plan(self, tmpl: _Template, text: str, labels: list[str]) -> tuple[list[int], list[list[int]]]:
+        """(C, tails) of one text: the common token prefix of its label sequences S_j, and each S_j after it."""
+        seqs = [self._encode([*tmpl.before, text, *tmpl.after, tmpl.label_sep + label]) for label in labels]
+        common = min(_common_prefix(seqs[0], s) for s in seqs)
+        common = min(common, min(len(s) for s in seqs) - 1)  # every label keeps at least one token
+        if common < 1:
+            raise ValueError("the prompt must give at least one token before the labels")
+        return seqs[0][:common], [s[common:] for s in seqs]
 
     def _prefix_cache(self, prefix_ids: tuple[int, ...]) -> KVCache:
         cache = self._prefixes.pop(prefix_ids, None)
@@ -90,24 +131,24 @@ class LabelScorer:
         """`[{"label", "scores"}]` for each text; `use_cache=False` recomputes the prefix (for checks)."""
         labels = validate_labels(labels)
         tmpl = self._template(template, labels)
-        tok = self.tokenizer
-        messages = [tok.encode(t, special=False) + list(tmpl.suffix_ids) for t in texts]
-        label_ids = [tok.encode(tmpl.label_sep + label, special=False) for label in labels]
-        if any(not m for m in messages):
-            raise ValueError("a message and the prompt suffix must give at least one token")
-        longest = len(tmpl.prefix_ids) + max(len(m) for m in messages) + max(len(ids) for ids in label_ids)
+        plans = [self._plan(tmpl, text, labels) for text in texts]
+        longest = max(len(c) + max(len(t) for t in tails) for c, tails in plans)
         if n_ctx is not None and longest > n_ctx:
             raise ValueError(f"prompt, message and label need {longest} tokens; the context holds {n_ctx}")
+        # The cached prefix: what every C shares with the encoded template prefix, leaving each message a row.
+        shared = min(min(_common_prefix(tmpl.prefix_ids, c), len(c) - 1) for c, _ in plans)
+        prefix_ids = tmpl.prefix_ids[:shared]
+        messages = [_Plan(c[shared:], tails) for c, tails in plans]
         with self._lock:
             if use_cache:
-                cache = self._prefix_cache(tmpl.prefix_ids)
+                cache = self._prefix_cache(prefix_ids)
             else:
                 cache = self.transformer.new_cache(self.kv_dtype)
-                if tmpl.prefix_ids:
-                    self.transformer.forward(np.asarray(tmpl.prefix_ids), cache)
+                if prefix_ids:
+                    self.transformer.forward(np.asarray(prefix_ids), cache)
             past = cache.length
             try:
-                logprobs = self._tree_logprobs(cache, messages, label_ids)
+                logprobs = self._tree_logprobs(cache, messages)
             finally:
                 cache.truncate(past)
         results = []
@@ -118,11 +159,12 @@ class LabelScorer:
             results.append({"label": labels[best], "scores": {lab: float(s) for lab, s in zip(labels, p, strict=True)}})
         return results
 
-    def _tree_logprobs(self, cache: KVCache, messages: list[list[int]], label_ids: list[list[int]]) -> list[np.ndarray]:
-        """Log-probability of every label after every message, up to a per-message constant, in one forward pass."""
+    def _tree_logprobs(self, cache: KVCache, messages: list[_Plan]) -> list[np.ndarray]:
+        """Log-probability of every label tail after every message, up to a per-message constant, in one
+        forward pass."""
         past = cache.length
-        # Layout: message 0, its label prefixes (each label minus its last token), message 1, ...
-        sizes = [len(msg) + sum(len(lab) - 1 for lab in label_ids) for msg in messages]
+        # Layout: message 0, its label prefixes (each tail minus its last token), message 1, ...
+        sizes = [len(plan.message) + sum(len(tail) - 1 for tail in plan.tails) for plan in messages]
         T = sum(sizes)
         ids = np.empty(T, dtype=np.int64)
         positions = np.empty(T, dtype=np.int64)
@@ -132,14 +174,15 @@ class LabelScorer:
         firsts: list[tuple[int, int, int, int]] = []
         inners: list[tuple[int, int, int, int]] = []
         row = 0
-        for m, msg in enumerate(messages):
+        for m, plan in enumerate(messages):
+            msg = plan.message
             n = len(msg)
             ids[row : row + n] = msg
             positions[row : row + n] = past + np.arange(n)
             mask[row : row + n, row : row + n] = np.tri(n, dtype=bool)
             msg_rows, last_msg_row = slice(row, row + n), row + n - 1
             row += n
-            for j, lab in enumerate(label_ids):
+            for j, lab in enumerate(plan.tails):
                 k = len(lab) - 1
                 ids[row : row + k] = lab[:-1]
                 positions[row : row + k] = past + n + np.arange(k)
@@ -149,7 +192,7 @@ class LabelScorer:
                 inners.extend((m, j, row + t, lab[t + 1]) for t in range(k))
                 row += k
         hidden = self.transformer.forward(ids, cache, positions=positions, mask=mask)
-        out = [np.zeros(len(label_ids)) for _ in messages]
+        out = [np.zeros(len(plan.tails)) for plan in messages]
         # A message's first label tokens are all predicted by its last row, so that row's log-normaliser
         # is common to every label and cancels in the normalisation over labels: it needs only the
         # label tokens' columns of the LM head. Rows inside multi-token labels need the full head.
@@ -168,3 +211,12 @@ class LabelScorer:
             for m, j, r, token in inners:
                 out[m][j] += logits[row_at[r], token] - logz[row_at[r]]
         return out
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

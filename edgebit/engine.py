@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .backends import get_backend
+from .backends.fast import kernels
 from .backends.lm_head import LMHead
 from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
@@ -92,9 +93,15 @@ class Model:
 
     def __init__(self, path: str | os.PathLike[str], backend: str | None = None, threads: int | None = None,
                  kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
-                 progress: Callable[[int, int], None] | None = None, lm_head: str | None = None) -> None:
+                 progress: Callable[[int, int], None] | None = None, lm_head: str | None = None,
+                 compile_progress: Callable[[int, int], None] | None = None) -> None:
         self.path = os.fspath(path)
         self.gguf = GGUFFile(self.path)
+        compiled = kernels()
+        if compiled is not None:  # before the backend probe, which would otherwise compile unannounced
+            seconds = sum(compiled.compile_all(compile_progress).values())
+            log.info("compiled kernels ready in %.1f s (%d of %d from the cache)", seconds, compiled.cache_hits(),
+                     len(compiled.SIGNATURES))
         head_bytes = LMHead.resident_bytes("float16", embedding_shape(self.gguf))
         self.backend = get_backend(backend, threads, shapes=model_shapes(self.gguf), extra_bytes=head_bytes)
         self.transformer = Transformer(self.gguf, self.backend, numerics=numerics, activation=activation,

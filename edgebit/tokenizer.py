@@ -428,7 +428,7 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TokenizerError(f"encode() needs a str, got {type(text).__name__}")
         ids: list[int] = []
-        for part in self._split_special(text) if special else (text,):
+        for part in self.split_special(text) if special else (text,):
             if isinstance(part, int):
                 ids.append(part)
             elif part:
@@ -440,7 +440,7 @@ class Tokenizer:
                 ids.insert(0, self.bos_id)
         return ids
 
-    def _split_special(self, text: str) -> list[str | int]:
+    def split_special(self, text: str) -> list[str | int]:
         """Cut special-token texts out of `text`, longest first (llama.cpp's partition order)."""
         parts: list[str | int] = [text]
         for piece, token_id in self._parsed_specials:

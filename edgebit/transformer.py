@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend
+from .backends.fast import kernels
 from .backends.lm_head import LMHead
 from .backends.select import choose_lm_head, model_shapes
 from .gguf import GGUFError, GGUFFile
@@ -281,13 +282,29 @@ class Transformer:
         scaled = x * gamma  # |x·γ| ≤ 127 (+ rounding), so rint stays in int8 range: no clamp pass needed
         return np.rint(scaled, out=scaled).astype(np.int8), gamma
 
+    def norm_quantize(self, x: np.ndarray, weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """quantize_activations(rmsnorm(x, weight)): one compiled pass over each row when the kernels
+        are installed (the same operations in the same order, so identical numbers), numpy otherwise."""
+        fast = kernels()
+        if fast is None or self.numerics == "ggml":
+            return self.quantize_activations(self.rmsnorm(x, weight))
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        xq, gamma = np.empty(x.shape, dtype=np.int8), np.empty(x.shape[0], dtype=np.float32)
+        fast.rmsnorm_quantize(x, weight, np.float32(self.config.eps), xq, gamma)
+        return xq, gamma[:, None]
+
     def bitlinear(self, layer: Layer, names: tuple[str, ...], xq: np.ndarray, gamma: np.ndarray) -> list[np.ndarray]:
         """y = (T · x_q) / γ · s  [· optional output scale] for each named projection of the same input;
-        the integer products come from the backend, in one call for the group."""
+        the integer products come from the backend, in one call for the group.
+
+        A backend may return its product in any memory layout (the tiled kernels give prompts
+        column-major). The scaling writes a row-major array, so every later reduction (the next
+        rmsnorm's mean) sums in the same order whichever kernel ran: same bits on every backend."""
         products = self.backend.matmul_group([layer.proj[name] for name in names], xq)
         ys = []
         for name, y in zip(names, products, strict=True):
-            y = y / gamma * layer.scale[name]
+            y = np.divide(y, gamma, out=np.empty(y.shape, dtype=np.float32))
+            y *= layer.scale[name]
             if name in layer.out_scale:
                 y *= layer.out_scale[name]
             ys.append(y)
@@ -384,7 +401,7 @@ class Transformer:
         h = self.token_embd[ids].astype(np.float32)
         for i, layer in enumerate(self.layers):
             # attention block
-            xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.attn_norm))
+            xq, gamma = self.norm_quantize(h, layer.attn_norm)
             q, k, v = self.bitlinear(layer, ("attn_q", "attn_k", "attn_v"), xq, gamma)
             q = q.reshape(T, cfg.n_head, cfg.head_dim).transpose(1, 0, 2)
             k = k.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
@@ -395,12 +412,12 @@ class Transformer:
             keys = cache.k[i][:, : past + T].astype(np.float32, copy=False)
             values = cache.v[i][:, : past + T].astype(np.float32, copy=False)
             o = self.attention(q, keys, values, full_mask)
-            xq, gamma = self.quantize_activations(self.rmsnorm(o, layer.attn_sub_norm))
+            xq, gamma = self.norm_quantize(o, layer.attn_sub_norm)
             h = h + self.bitlinear(layer, ("attn_output",), xq, gamma)[0]
             # feed-forward block
-            xq, gamma = self.quantize_activations(self.rmsnorm(h, layer.ffn_norm))
+            xq, gamma = self.norm_quantize(h, layer.ffn_norm)
             z = self.ffn_activation(*self.bitlinear(layer, ("ffn_gate", "ffn_up"), xq, gamma))
-            xq, gamma = self.quantize_activations(self.rmsnorm(z, layer.ffn_sub_norm))
+            xq, gamma = self.norm_quantize(z, layer.ffn_sub_norm)
             h = h + self.bitlinear(layer, ("ffn_down",), xq, gamma)[0]
         cache.length = past + T
         return h

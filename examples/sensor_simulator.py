@@ -10,6 +10,10 @@ Topic and Correlation Data; the answers are printed as they arrive, then a laten
 A careful requester also handles what MQTT can tell it: a PUBACK "No matching subscribers" (no
 node is subscribed yet, e.g. just after a broker restart) and retryable errors such as
 `overloaded` are sent again after a pause.
+
+Request ids are unique across runs (`sim-<run>-<n>`, the run part random): a node answers a
+repeated id from its store, so ids that restart at 0 on every run would collide with the last
+run's. Exit codes: 0 all answered, 1 the broker cannot be reached or refuses us, 2 answers missing.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import itertools
 import json
 import statistics
+import sys
 import threading
 import time
 import uuid
@@ -52,6 +57,7 @@ class Requester:
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.connected = threading.Event()
+        self.refused: str | None = None  # the CONNACK reason when the broker refuses us
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
         if args.username:
             self.client.username_pw_set(args.username, args.password)
@@ -59,8 +65,12 @@ class Requester:
         self.client.on_message = self.on_message
         self.client.on_publish = self.on_publish
 
-    def on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
-        client.subscribe(self.reply_topic, qos=1)
+    def on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: mqtt.ReasonCode,
+                   props: object) -> None:
+        if reason.is_failure:
+            self.refused = str(reason)
+        else:
+            client.subscribe(self.reply_topic, qos=1)
         self.connected.set()
 
     def topic(self) -> str:
@@ -129,14 +139,22 @@ class Requester:
 
     def run(self) -> int:
         a = self.args
-        self.client.connect(a.host, a.port, keepalive=30)
+        broker = f"{a.host}:{a.port}"
+        try:
+            self.client.connect(a.host, a.port, keepalive=30)
+        except OSError as exc:  # refused, unknown host, unreachable network, timeout
+            print(f"cannot reach broker {broker}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
         self.client.loop_start()
-        if not self.connected.wait(10):
-            print(f"cannot connect to {a.host}:{a.port}")
+        if not self.connected.wait(10) or self.refused:
+            self.client.loop_stop()
+            why = f"it refused the connection: {self.refused}" if self.refused else "no answer to CONNECT in 10 s"
+            print(f"cannot reach broker {broker}: {why}", file=sys.stderr)
             return 1
         texts = a.text or READINGS
+        run = uuid.uuid4().hex[:8]  # ids unique across runs: a node answers a known id from its store
         for n, text in zip(range(a.count), itertools.cycle(texts), strict=False):
-            request = {"v": 1, "id": f"sim-{n:04d}", "text": text}
+            request = {"v": 1, "id": f"sim-{run}-{n:04d}", "text": text}
             if a.labels:
                 request["labels"] = a.labels.split(",")
             if a.deadline_ms:
@@ -150,6 +168,12 @@ class Requester:
         finished = self.done.wait(a.timeout)
         self.client.disconnect()
         self.client.loop_stop()
+        if not finished:
+            with self.lock:
+                missing = len(self.pending)
+            where = f"node {a.node!r}" if a.node else "a node"
+            print(f"no answer within {a.timeout:g} s to {missing} of {a.count} requests — is {where} serving task "
+                  f"{a.task!r} (prefix {a.prefix!r}) on broker {broker}?", file=sys.stderr)
         if self.latencies:
             q = statistics.quantiles(self.latencies, n=20) if len(self.latencies) > 1 else self.latencies * 19
             print(f"\n{len(self.latencies)}/{a.count} answered; round trip p50 {statistics.median(self.latencies):.0f}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,25 @@ from edgebit.synthetic import write_random_model
 
 TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata"
 REFERENCE_MODELS = TESTDATA / "reference-models"
+_PRIVATE_HOME = pytest.StashKey[tuple[str, str | None]]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Run the whole suite, and every process it starts, with a private EDGEBIT_HOME: the backend
+    probe, models and config a test writes must never reach the user's home (nor their config the tests)."""
+    home = tempfile.mkdtemp(prefix="edgebit-tests-home-")
+    config.stash[_PRIVATE_HOME] = (home, os.environ.get("EDGEBIT_HOME"))
+    os.environ["EDGEBIT_HOME"] = home
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Give the environment back and delete the private home."""
+    home, previous = config.stash[_PRIVATE_HOME]
+    if previous is None:
+        os.environ.pop("EDGEBIT_HOME", None)
+    else:
+        os.environ["EDGEBIT_HOME"] = previous
+    shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 import edgebit
-from edgebit import bench, load_tokenizer
+from edgebit import bench, load_tokenizer, store
 from edgebit.backends.select import projection_shapes
 from edgebit.cli import main
 from edgebit.synthetic import write_random_model
@@ -24,12 +24,23 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_random_model_is_written_once(home: Path) -> None:
     path = bench.random_model("tiny")
-    assert path.parent == home / "cache" / "models" and path.stat().st_size > 0
+    assert path.parent == home / "models" and path.stat().st_size > 0
     stamp = path.stat().st_mtime_ns
     assert bench.random_model("tiny") == path and path.stat().st_mtime_ns == stamp
     assert not list(path.parent.glob("*.partial"))
     with pytest.raises(ValueError, match="unknown shape"):
         bench.random_model("huge")
+
+
+def test_random_model_from_the_old_cache_location_moves_into_the_store(home: Path) -> None:
+    old = home / "cache" / "models" / "random-tiny-seed0.gguf"
+    old.parent.mkdir(parents=True)
+    write_random_model(old, "tiny", seed=0)
+    content = old.read_bytes()
+    path = bench.random_model("tiny")
+    assert path == home / "models" / "random-tiny-seed0.gguf" and path.read_bytes() == content and not old.exists()
+    [listed] = store.list_models()
+    assert listed.name == "random-tiny-seed0" and listed.generated
 
 
 def test_peak_rss_is_measured() -> None:
@@ -68,6 +79,8 @@ def test_bench_command(home: Path) -> None:
                                  "-r", "1"])
     assert table.exit_code == 0 and "| packed" in table.stdout
     assert runner.invoke(main, ["bench", "--shape", "tiny", "model.gguf"]).exit_code == 2
+    assert f"using the random tiny model {home / 'models' / 'random-tiny-seed0.gguf'}" in out.stderr
+    assert "edgebit models rm random-tiny-seed0" in out.stderr
 
 
 def test_backends_command(home: Path) -> None:
@@ -81,6 +94,8 @@ def test_backends_command(home: Path) -> None:
     assert report["choice"]["backend"] in sizes and report["lm_head_bytes"] == 128256 * 2560 * 2
     text = runner.invoke(main, ["backends", str(bench.random_model("tiny"))])
     assert text.exit_code == 0 and "automatic choice:" in text.stdout and "packed" in text.stdout
+    bare = runner.invoke(main, ["backends"])
+    assert bare.exit_code == 0 and "needs 0.00" not in bare.stdout and "give MODEL or --shape" in bare.stdout
 
 
 def test_random_model_with_a_real_vocabulary(tmp_path: Path, testdata: Path) -> None:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -62,6 +63,21 @@ def test_every_command_has_help_with_examples(command):
     assert result.exit_code == 0 and "Example" in result.output
 
 
+def _all_commands(group: click.Group = main, path: tuple[str, ...] = ()) -> list[list[str]]:
+    out = [list(path)]
+    for name, command in getattr(group, "commands", {}).items():
+        out += _all_commands(command, (*path, name))
+    return out
+
+
+@pytest.mark.parametrize("command", _all_commands(), ids=lambda c: " ".join(c) or "edgebit")
+def test_help_sets_examples_apart_from_the_text_before(command):
+    lines = run(*command, "--help").output.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("Example"):
+            assert lines[i - 1].strip() == "", f"'{line.strip()}' is glued to {lines[i - 1]!r}"
+
+
 # --- models / pull
 
 
@@ -89,6 +105,38 @@ def test_pull_exit_codes(server):
     assert run("pull", f"{server.url}/missing.gguf").exit_code == 1
     assert run("pull").exit_code == 2
     assert run("models", "pull", "x", "--retries", "-1").exit_code == 2
+
+
+def test_pull_from_an_unreachable_host_says_so_and_what_to_do_offline():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # released: nothing listens there
+    result = run("pull", f"http://127.0.0.1:{port}/m.gguf")
+    assert result.exit_code == 1
+    assert f"cannot reach 127.0.0.1:{port}: Connection refused" in result.stderr
+    assert "edgebit models import FILE" in result.stderr and "resum" not in result.stderr
+
+
+def test_models_import_random_list_and_rm(home, tmp_path):
+    made = run("models", "random", str(tmp_path / "tiny.gguf"), "--seed", "1")
+    assert made.exit_code == 0 and str(tmp_path / "tiny.gguf") in made.output
+    assert run("models", "random", str(tmp_path / "tiny.gguf")).exit_code == 1  # no overwrite without --force
+    assert json.loads(run("models", "list", "--json").output) == []  # a file given by path stays outside
+    imported = run("models", "import", str(tmp_path / "tiny.gguf"), "--copy")
+    assert imported.exit_code == 0, imported.output
+    assert imported.output.startswith(f"copied {tmp_path / 'tiny.gguf'} -> {home / 'models' / 'tiny.gguf'}")
+    bad = run("models", "import", str(tmp_path / "tiny.gguf"), "--name", "other", "--sha256", "0" * 64)
+    assert bad.exit_code == 1 and "does not match the given digest" in bad.stderr
+    generated = run("models", "random", "--shape", "tiny")
+    assert generated.exit_code == 0 and str(home / "models" / "random-tiny-seed0.gguf") in generated.output
+    again = run("models", "random")
+    assert again.exit_code == 0 and again.output.startswith("already in the store:")
+    table = run("models", "list").output
+    assert "random-tiny-seed0" in table and "generated (random)" in table
+    assert "tiny " in table and "unverified" in table
+    assert run("generate", "random-tiny-seed0", "Hi", "-n", "2").exit_code == 0
+    assert run("models", "rm", "random-tiny-seed0").exit_code == 0
+    assert [m["name"] for m in json.loads(run("models", "list", "--json").output)] == ["tiny"]
 
 
 def test_pull_progress_bar_only_when_asked(server):
@@ -199,7 +247,26 @@ def test_doctor_reports_machine_model_and_broker(tiny_model):
     assert closed.exit_code == 1 and "not reachable" in closed.output
     assert run("doctor", "--broker", "nonsense").exit_code == 2
     assert run("doctor", "missing.gguf").exit_code == 1
-    assert "all checks passed" in run("doctor").output
+
+
+def test_doctor_lists_what_is_missing_with_the_next_command(tiny_model, home, monkeypatch):
+    bare = run("doctor")
+    assert bare.exit_code == 0 and "all checks passed" not in bare.output
+    assert "missing: no model: the store is empty" in bare.output
+    assert "next: edgebit pull bitnet-b1.58-2b-4t" in bare.output
+    assert "missing: no MQTT broker configured" in bare.output and "2 thing(s) are missing" in bare.output
+    assert run("models", "random").exit_code == 0
+    report = json.loads(run("doctor", "--json").output)
+    assert [m["what"][:17] for m in report["missing"]] == ["no default model:", "no MQTT broker co"]
+    listener = socket.create_server(("127.0.0.1", 0))
+    monkeypatch.setenv("EDGEBIT_MQTT_HOST", "127.0.0.1")
+    monkeypatch.setenv("EDGEBIT_MQTT_PORT", str(listener.getsockname()[1]))
+    monkeypatch.setenv("EDGEBIT_MODEL", str(tiny_model))
+    try:
+        ready = run("doctor")
+    finally:
+        listener.close()
+    assert ready.exit_code == 0 and "missing" not in ready.output and "all checks passed" in ready.output
 
 
 def test_doctor_checks_the_configured_broker(monkeypatch):

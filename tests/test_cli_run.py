@@ -12,10 +12,12 @@ import edgebit
 from edgebit.cli import main
 from edgebit.engine import Model
 
+BACKEND = "dense"  # the API and the CLI run the same kernel, not each its own probe's choice
+
 
 @pytest.fixture(scope="module")
 def model(tiny_model: Path) -> Model:
-    return edgebit.load(tiny_model)
+    return edgebit.load(tiny_model, backend=BACKEND)
 
 
 @pytest.fixture()
@@ -31,6 +33,8 @@ def test_info(runner: CliRunner, tiny_model: Path, model: Model) -> None:
     assert info["arch"] == "bitnet-b1.58" and info["parameters"] == model.info["parameters"]
     table = runner.invoke(main, ["info", str(tiny_model)])
     assert table.exit_code == 0 and "bitnet-b1.58" in table.output and "I2_S 14" in table.output
+    threads = next(line for line in table.output.splitlines() if line.startswith("threads"))
+    assert "None" not in threads and "all cores" in threads
 
 
 def test_generate_greedy_matches_api(runner: CliRunner, tiny_model: Path, model: Model) -> None:
@@ -60,8 +64,24 @@ def test_perplexity_matches_api(runner: CliRunner, tiny_model: Path, model: Mode
     text = "the quick brown fox jumps over the lazy dog\n" * 10
     path = tmp_path / "t.txt"
     path.write_text(text)
-    result = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--ctx", "64", "--json"])
+    result = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--ctx", "64", "--json",
+                                  "--backend", BACKEND])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["perplexity"] == pytest.approx(model.perplexity(text, ctx=64), rel=1e-9)
-    short = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--ctx", "4096"])
-    assert short.exit_code == 1 and "Error" in short.output
+    assert json.loads(result.output)["perplexity"] == model.perplexity(text, ctx=64)
+
+
+def test_perplexity_ctx_defaults_to_the_model_context_and_errors_name_ctx(runner: CliRunner, tiny_model: Path,
+                                                                         model: Model, tmp_path: Path) -> None:
+    assert model.config.n_ctx == 256  # below the default window of 512
+    text = "the quick brown fox jumps over the lazy dog\n" * 40
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    result = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--json", "--backend", BACKEND])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ctx"] == 256 and report["perplexity"] == model.perplexity(text, ctx=256)
+    too_long = runner.invoke(main, ["perplexity", str(tiny_model), str(path), "--ctx", "4096"])
+    assert too_long.exit_code == 2 and "--ctx" in too_long.output and "use --ctx 256 or less" in too_long.output
+    path.write_text("short text")
+    short = runner.invoke(main, ["perplexity", str(tiny_model), str(path)])
+    assert short.exit_code == 1 and "--ctx 256" in short.output and "smaller --ctx" in short.output

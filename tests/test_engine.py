@@ -9,6 +9,7 @@ import pytest
 
 import edgebit
 from edgebit.engine import ContextLengthError, Generation, Model
+from edgebit.synthetic import write_random_model
 
 
 @pytest.fixture(scope="module")
@@ -118,22 +119,60 @@ def test_perplexity_by_hand(model: Model) -> None:
         model.perplexity("short", ctx=128)
 
 
-def test_classify_scores_equal_hand_computation(model: Model) -> None:
-    labels = ["normal", "warning", "critical"]
-    template = "Message: {text}\nLabel:"
-    result = model.classify("boiler 95C, pressure rising", labels, prompt=template)
+@pytest.fixture(scope="module", params=["bytes", "llama3", "spm"])
+def vocab_model(request: pytest.FixtureRequest, model: Model, testdata: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Model:
+    """A random model with the test byte-level vocabulary, LLaMA-3's (BPE) or LLaMA's (SentencePiece)."""
+    if request.param == "bytes":
+        return model
+    vocab, size = {"llama3": ("derived/llama3-vocab-from-tiktoken.gguf", 128256),
+                   "spm": ("llamacpp/ggml-vocab-llama-spm.gguf", 32000)}[request.param]
+    path = write_random_model(tmp_path_factory.mktemp("vocab") / f"{request.param}.gguf", "tiny", n_vocab=size,
+                              n_layer=1, tokenizer_from=testdata / vocab)
+    return edgebit.load(path, backend="reference")
+
+
+def _hand_scores(model: Model, prompt: str, labels: list[str], sep: str) -> dict[str, float]:
+    """Each label's probability from Model.logits of the canonical encoding encode(prompt + sep + label),
+    normalised over the labels (the tokens before the labels differ are common and cancel)."""
     tok = model.tokenizer
-    context = [tok.bos_id] + tok.encode("Message: ", special=True) + tok.encode("boiler 95C, pressure rising")
-    context += tok.encode("\nLabel:", special=True)
     logp = []
     for label in labels:
-        cont = tok.encode(" " + label)
-        lp = _log_softmax(model.logits(context + cont))
-        logp.append(sum(lp[len(context) - 1 + i, t] for i, t in enumerate(cont)))
+        ids = tok.encode(prompt + sep + label, bos=tok.add_bos, special=True)
+        lp = _log_softmax(model.logits(ids))
+        logp.append(sum(lp[i - 1, ids[i]] for i in range(1, len(ids))))
     p = np.exp(np.array(logp) - max(logp))
-    p /= p.sum()
-    assert result["scores"] == pytest.approx(dict(zip(labels, p, strict=True)), abs=1e-5)
-    assert result["label"] == labels[int(np.argmax(p))]
+    return dict(zip(labels, p / p.sum(), strict=True))
+
+
+@pytest.mark.parametrize("template, labels", [
+    ("Report: {text}\nState:", ["normal", "warning", "critical"]),
+    ("Report: {text}\nState: ", ["warn", "warning", "critical failure"]),  # labels merge with the space
+    (None, ["normal", "warning", "critical"]),  # the default template, with {labels}
+])
+def test_classify_scores_the_canonical_tokens(vocab_model: Model, template: str | None, labels: list[str]) -> None:
+    """The tokens scored are exactly those of encode(filled prompt + sep + label), whatever the vocabulary
+    (fragments encoded apart give other tokens: LLaMA-3 merges across the {text} seams, SentencePiece
+    adds a '▁' to every fragment). Identical texts in one batch share nothing they should not."""
+    texts = ["boiler 95C", "boiler 95C", "all quiet, 21C"]
+    results = vocab_model.classify_batch(texts, labels, template)
+    filled = template or edgebit.classify.default_template(vocab_model.tokenizer)
+    sep = "" if filled[-1].isspace() else " "  # a space before the label unless the prompt ends in one
+    for text, result in zip(texts, results, strict=True):
+        want = _hand_scores(vocab_model, filled.replace("{labels}", ", ".join(labels)).replace("{text}", text),
+                            labels, sep)
+        assert result["scores"] == pytest.approx(want, abs=1e-5)
+        assert result["label"] == max(want, key=want.get)
+    uncached = vocab_model.classify_batch(texts, labels, template, use_prefix_cache=False)
+    assert [r["label"] for r in uncached] == [r["label"] for r in results]
+
+
+def test_llama3_prompt_tokens_cross_the_template_seams(testdata: Path) -> None:
+    """The issue's example: the filled prompt is one token sequence, not the fragments' concatenation."""
+    tok = edgebit.tokenizer.Tokenizer.from_gguf(testdata / "derived" / "llama3-vocab-from-tiktoken.gguf")
+    whole = tok.encode("Report: boiler 95C\nState: critical")
+    assert whole == [10577, 25, 28725, 220, 2721, 34, 198, 1423, 25, 9200]
+    assert tok.encode("Report: ") + tok.encode("boiler 95C") + tok.encode("\nState:") + tok.encode(" critical") != whole
 
 
 def test_classify_prefix_cache_and_batching(model: Model) -> None:

@@ -305,3 +305,18 @@ def test_info_payload_lists_tasks_labels_and_limits() -> None:
     assert (info["backend"], info["threads"]) == ("dense", 4)
     assert info["tasks"]["echo"] == {"kind": "generate", "topic": "edgebit/v1/req/echo", "inputs": []}
     assert info["limits"]["queue_size"] == 8 and info["model"]["sha256"] == "ab" and info["v"] == 1
+
+
+def test_fingerprint_tells_duplicates_from_reused_ids() -> None:
+    """A duplicate asks the same thing (whatever its deadline or route); another text, labels or
+    generation setting under the same id is another request."""
+    base = {"v": 1, "id": "r1", "text": "boiler 95C"}
+    same = parse(base).fingerprint
+    assert parse({**base, "deadline_ms": 500, "reply_to": "answers/x"}).fingerprint == same
+    assert parse(dict(reversed(base.items()))).fingerprint == same
+    others = [{**base, "text": "boiler 20C"}, {**base, "labels": ["calm", "alert"]},
+              {"v": 1, "id": "r1", "items": [{"text": "boiler 95C"}]}]
+    assert len({same} | {parse(o).fingerprint for o in others}) == 4
+    echo = {"v": 1, "id": "g", "prompt": "hi"}
+    assert parse(echo, "echo").fingerprint != parse({**echo, "temperature": 0.5}, "echo").fingerprint
+    assert parse(echo, "echo").fingerprint != parse({**echo, "id": "h"}, "echo").fingerprint  # the id is part of it

@@ -8,10 +8,12 @@ service in-process on a gated fake model. Every topic tree (prefix) is private t
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +24,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mqtt_broker import Broker, Client, NodeProcess, unique_id, wait_until
+from mqtt_broker import Broker, Client, NodeProcess, free_port, unique_id, wait_until
 
 from edgebit.engine import Completion
 from edgebit.mqtt import sdnotify
@@ -348,8 +350,7 @@ def test_last_will_on_sigkill_and_clean_stop_on_sigterm(broker: Broker, client: 
         status = topics("life", "life")["status"]
         node = spawn(config, "life", env)
         wait_ready(client, "life", "life")
-        states = _notifications(notify, "READY=1", "WATCHDOG=1")
-        assert any(s.startswith("STATUS=serving") for s in states)
+        _notifications(notify, "READY=1", "WATCHDOG=1", "STATUS=serving")
         node.signal(signal.SIGTERM)
         assert node.wait() == 0
         _notifications(notify, "STOPPING=1")
@@ -364,11 +365,41 @@ def test_last_will_on_sigkill_and_clean_stop_on_sigterm(broker: Broker, client: 
 
 
 def _notifications(sock: socket.socket, *wanted: str) -> list[str]:
-    """sd_notify datagrams received until every wanted state has been seen."""
+    """sd_notify datagrams received until a state starting with each wanted prefix has been seen."""
     states: list[str] = []
-    while not set(wanted) <= set(states):
+    while not all(any(s.startswith(w) for s in states) for w in wanted):
         states += sock.recv(4096).decode().split("\n")
     return states
+
+
+def test_unreachable_broker_is_named_with_the_reason_and_serving_waits_for_it(spawn: Callable,
+                                                                              tmp_path: Path) -> None:
+    (tmp_path / "later").mkdir()
+    absent = Broker(tmp_path / "later")  # its port has nothing listening until start()
+    node = spawn(node_config(tmp_path / "n.toml", absent.port, "patient", "patient"), "patient")
+    refused = f"cannot reach broker 127.0.0.1:{absent.port}: Connection refused; retrying in"
+    wait_until(lambda: f"{refused} 1 s" in node.log() and f"{refused} 2 s" in node.log(),
+               what="the unreachable broker to be reported with its address, reason and back-off")
+    wait_until(lambda: "waiting for the broker" in node.log(), what="the model to load")
+    assert "serving" not in node.log()
+    assert "Client is not connected" not in node.log()
+    absent.start()
+    try:
+        wait_until(lambda: re.search(rf"serving tasks .* on 127\.0\.0\.1:{absent.port}\n", node.log()),
+                   what="serving once the broker accepts the connection")
+        c = Client(absent.port)
+        try:
+            wait_ready(c, "patient", "patient")
+        finally:
+            c.close()
+        absent.stop()  # a lost connection: the first retry comes after 1 s, the next one after 2 s
+        wait_until(lambda: "lost the connection to broker" in node.log() and
+                   f"{refused} 2 s" in node.log().split("lost the connection to broker")[-1],
+                   what="the back-off after a lost connection")
+        assert f"{refused} 1 s" not in node.log().split("lost the connection to broker")[-1]
+    finally:
+        node.stop()
+        absent.stop()
 
 
 def test_percentiles_are_nearest_rank() -> None:
@@ -547,6 +578,41 @@ def test_duplicate_arriving_mid_computation_waits_for_the_original(broker: Broke
     assert model.batches == [["t"]]
 
 
+def test_a_reused_id_with_other_content_is_refused_not_answered_from_the_store(broker: Broker,
+                                                                              client: Client) -> None:
+    """The store answers duplicates only: the same id with another text or labels (a requester that
+    numbers every run from 0) gets a bad_request naming the id, counted, never the first answer; also
+    while the first request is still in work (it must not wait for the first one's answer)."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "reuse"):
+        wait_ready(client, "reuse", "reuse")
+        client.subscribe("reply/reuse")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"1")
+        client.wait(lambda: len(client.on("reply/reuse")) == 1)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "second run", "labels": ["x", "y"]},
+                       "reply/reuse", b"2")
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0000", "text": "first run"}, "reply/reuse", b"3")
+        client.wait(lambda: len(client.on("reply/reuse")) == 3)
+        model.gate.clear()
+        model.entered.clear()
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "in work"}, "reply/reuse", b"4")
+        assert model.entered.wait(30)
+        client.publish("reuse/v1/req/mood", {"v": 1, "id": "sim-0001", "text": "other"}, "reply/reuse", b"5")
+        client.wait(lambda: len(client.on("reply/reuse")) == 4)  # answered while the first one is held
+        model.gate.set()
+        client.wait(lambda: len(client.on("reply/reuse")) == 5)
+        health = client.wait_json(topics("reuse", "reuse")["health"], lambda h: h["id_conflicts"] == 2)[0]
+    answers = {m.properties.CorrelationData: json.loads(m.payload) for m in client.on("reply/reuse")}
+    assert answers[b"1"]["status"] == "ok" and answers[b"3"] == answers[b"1"]  # a true duplicate
+    refused = answers[b"2"]
+    assert refused["status"] == "error" and refused["id"] == "sim-0000"
+    assert refused["error"]["code"] == "bad_request" and not refused["error"]["retryable"]
+    assert "'sim-0000' was already used" in refused["error"]["message"]
+    assert answers[b"5"]["error"]["code"] == "bad_request" and answers[b"4"]["status"] == "ok"
+    assert health["duplicates"] == 1 and health["errors"]["bad_request"] == 2
+    assert model.batches == [["first run"], ["in work"]]
+
+
 def test_message_expiry_is_honoured(broker: Broker, client: Client) -> None:
     model = FakeModel()
     model.gate.clear()
@@ -664,3 +730,49 @@ def test_tls_with_client_certificate_and_password(tmp_path: Path) -> None:
     finally:
         c.close()
         secure.stop()
+
+
+# --- the example requester (examples/sensor_simulator.py)
+
+SIMULATOR = Path(__file__).resolve().parent.parent / "examples" / "sensor_simulator.py"
+
+
+def simulate(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SIMULATOR), "--host", "127.0.0.1", "--port", str(port), "--rate", "0",
+                           *args], capture_output=True, text=True, timeout=120)
+
+
+def test_simulator_runs_never_get_each_others_answers(broker: Broker, client: Client) -> None:
+    """Two runs with other texts and labels: the second gets answers to its own requests, not the
+    first run's stored ones (its ids must not repeat the first run's)."""
+    model = FakeModel()
+    with in_process(broker, lambda: model, "simruns"):
+        wait_ready(client, "simruns", "simruns")
+        common = ["--prefix", "simruns", "--task", "mood", "--count", "2", "--timeout", "60"]
+        first = simulate(broker.port, *common, "--text", "first run")
+        second = simulate(broker.port, *common, "--text", "second run", "--labels", "x,y")
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
+    assert first.stdout.count("(calm 0.50, alert 0.50)") == 2, first.stdout
+    assert second.stdout.count("(x 0.50, y 0.50)") == 2, second.stdout
+    ids = [line.split()[0] for run in (first, second) for line in run.stdout.splitlines() if line.startswith("sim-")]
+    assert len(ids) == len(set(ids)) == 4
+    assert sorted(t for batch in model.batches for t in batch) == ["first run"] * 2 + ["second run"] * 2
+
+
+def test_simulator_says_why_nothing_was_answered(broker: Broker, tmp_path: Path) -> None:
+    quiet = simulate(broker.port, "--prefix", "nobody-serves", "--task", "boiler", "--count", "1", "--timeout", "1")
+    assert quiet.returncode == 2
+    assert ("no answer within 1 s to 1 of 1 requests — is a node serving task 'boiler' (prefix 'nobody-serves') "
+            f"on broker 127.0.0.1:{broker.port}?") in quiet.stderr
+    closed = free_port()
+    refused = simulate(closed, "--count", "1")
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert refused.stderr.strip() == f"cannot reach broker 127.0.0.1:{closed}: Connection refused"
+    locked = Broker(tmp_path, anonymous=False).start()
+    try:
+        denied = simulate(locked.port, "--count", "1")
+    finally:
+        locked.stop()
+    assert denied.returncode == 1
+    assert denied.stderr.strip() == f"cannot reach broker 127.0.0.1:{locked.port}: it refused the connection: " \
+                                    "Not authorized"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 import edgebit
+import edgebit.bench
 from edgebit import registry, store
 from edgebit.config import cache_dir, config_path, models_dir
 
@@ -249,3 +252,119 @@ def test_complete_part_file_is_finished_without_download(server, test_entry, hom
     stored = store.pull("test-model")
     assert server.requests == [("/acme/test-gguf/resolve/main/m.gguf", f"bytes={len(PAYLOAD)}-")]
     assert stored.verified and Path(stored.path).read_bytes() == PAYLOAD
+
+
+# --- an unreachable host, importing a file, files dropped into the store by hand
+
+
+def _closed_port() -> int:
+    """A 127.0.0.1 port with nothing listening (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_host_is_reported_at_once_with_what_to_do_offline(home, monkeypatch):
+    url = f"http://127.0.0.1:{_closed_port()}/x/model.gguf"
+    with pytest.raises(store.UnreachableError) as err:
+        store.pull(url, retries=2)
+    message = str(err.value)
+    assert message.startswith(f"cannot reach {url.split('/')[2]}: Connection refused")
+    assert "interrupted" not in message and "edgebit models import FILE" in message
+    assert not any((home / "models").glob("*.part"))
+
+    endpoint = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    with pytest.raises(store.UnreachableError) as err:
+        store.pull("bitnet-b1.58-2b-4t")
+    assert f"HF_ENDPOINT to a Hugging Face mirror you can reach (now: {endpoint})" in str(err.value)
+    assert "edgebit models import FILE --name bitnet-b1.58-2b-4t" in str(err.value)
+    with pytest.raises(store.UnreachableError) as err:  # a checkpoint: convert, then import under its name
+        store.pull("bitnet_b1_58-large")
+    assert "`edgebit models import bitnet_b1_58-large.gguf --name bitnet_b1_58-large`" in str(err.value)
+
+
+def test_unreachable_host_during_a_resume_keeps_the_partial_file(server, test_entry, home, monkeypatch):
+    server.drop_once["/acme/test-gguf/resolve/main/m.gguf"] = 1_000_000
+    with pytest.raises(store.StoreError, match="interrupted"):
+        store.pull("test-model", retries=0)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{_closed_port()}")
+    with pytest.raises(store.UnreachableError, match="the 1000000 bytes downloaded so far stay in"):
+        store.pull("test-model")
+    assert (home / "models" / "test-model.gguf.part").stat().st_size == 1_000_000
+
+
+def test_import_recognises_a_registry_model_by_its_digest_and_links_it(test_entry, home, tmp_path):
+    src = tmp_path / "ggml-model-i2_s.gguf"
+    src.write_bytes(PAYLOAD)
+    stored, how = store.import_file(src)
+    assert stored.name == "test-model" and stored.verified and stored.sha256 == test_entry.sha256
+    assert how == "linked" and os.path.samefile(stored.path, src)  # tmp_path and the store share a file system
+    assert store.resolve("tm") == stored.path
+    with pytest.raises(store.StoreError, match="already in the store"):
+        store.import_file(src, copy=True)
+    assert sorted(p.name for p in (home / "models").iterdir()) == ["test-model.gguf", "test-model.gguf.json"]
+
+
+def test_import_rejects_a_file_that_does_not_match_the_registry(test_entry, home, tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(PAYLOAD[:-1] + b"\0")
+    with pytest.raises(store.ChecksumError,
+                       match=f"{bad}: SHA-256 .* does not match the digest published for test-model"):
+        store.import_file(bad, name="test-model")
+    bad.write_bytes(PAYLOAD[:1000])
+    with pytest.raises(store.ChecksumError, match="1000 bytes, but test-model has"):
+        store.import_file(bad, name="tm", copy=True)
+    with pytest.raises(store.ChecksumError, match="does not match the given digest"):
+        store.import_file(bad, sha256="0" * 64)
+    assert list((home / "models").iterdir()) == []
+    assert bad.read_bytes() == PAYLOAD[:1000]  # the source is never touched
+
+
+def test_import_of_an_unknown_file_copies_it_unverified(home, tmp_path):
+    src = tmp_path / "custom.gguf"
+    src.write_bytes(b"GGUF" + PAYLOAD[:100])
+    stored, how = store.import_file(src, name="mine", copy=True)
+    assert how == "copied" and stored.name == "mine" and not stored.verified
+    assert not os.path.samefile(stored.path, src) and Path(stored.path).read_bytes() == src.read_bytes()
+    assert stored.source == f"imported from {src.resolve()}"
+
+
+def test_file_dropped_into_the_store_is_checked_once_then_trusted_until_it_changes(test_entry, home, monkeypatch):
+    folder = home / "models"
+    folder.mkdir(parents=True)
+    dropped = folder / "test-model.gguf"
+    dropped.write_bytes(PAYLOAD[:-1] + b"\0")
+    with pytest.raises(store.StoreError, match="SHA-256 .*, expected .* \\(published for test-model\\)") as err:
+        store.resolve("test-model")
+    assert "edgebit models rm test-model" in str(err.value)
+    with pytest.raises(store.StoreError, match="expected"):  # by path too
+        store.resolve(str(dropped))
+    dropped.write_bytes(PAYLOAD[:5])
+    with pytest.raises(store.StoreError, match=rf"5 bytes, expected {len(PAYLOAD)} \(published for test-model\)"):
+        store.resolve("test-model")
+
+    dropped.write_bytes(PAYLOAD)
+    assert store.resolve("test-model") == str(dropped)
+    assert json.loads((folder / "test-model.gguf.json").read_text())["verified"] is True
+
+    def no_hashing(*args: object) -> None:
+        raise AssertionError("hashed again although the file did not change")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "_hash_file", no_hashing)
+        assert store.resolve("test-model") == str(dropped)
+    dropped.write_bytes(PAYLOAD[:-1] + b"\0")  # same size, new content and modification time
+    os.utime(dropped, ns=(0, 0))
+    with pytest.raises(store.StoreError, match="the file is damaged or a different model"):
+        store.resolve("test-model")
+
+
+def test_generated_models_are_listed_as_such_and_removable(home):
+    path = edgebit.bench.random_model("tiny", seed=3)
+    assert path == home / "models" / "random-tiny-seed3.gguf"
+    [listed] = store.list_models()
+    assert listed.name == "random-tiny-seed3" and listed.generated and "tiny" in listed.generated
+    assert store.resolve("random-tiny-seed3") == str(path)
+    store.remove("random-tiny-seed3")
+    assert store.list_models() == [] and not path.exists()

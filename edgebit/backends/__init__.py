@@ -4,7 +4,8 @@ A third-party package ships a faster kernel by subclassing `Backend` and declari
 `[project.entry-points."edgebit.backends"] myname = "mypkg.module:MyBackend"`. Built in:
 `float32` (4 bytes/weight, fastest with plenty of memory), `dense` (int8, 1 byte/weight),
 `packed` (the file's 2-bit codes, for small memory), `lut` (base-3 codes and lookup tables, the
-smallest form) and `reference`. Without a name, `get_backend` chooses for this machine
+smallest form), `reference`, and `numba` (compiled kernels over the file's 2-bit codes, the fastest,
+with the optional `fast` extra). Without a name, `get_backend` chooses for this machine
 (`select.choose_backend`).
 """
 
@@ -25,6 +26,7 @@ _BUILTIN = {
     "packed": "edgebit.backends.packed:PackedBackend",
     "lut": "edgebit.backends.lut:LUTBackend",
     "float32": "edgebit.backends.float32:Float32Backend",
+    "numba": "edgebit.backends.compiled:NumbaBackend",
 }
 
 

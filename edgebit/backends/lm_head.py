@@ -13,17 +13,32 @@ Modes:
            the limit (it reads half the bytes of float32).
   float32  exact; a float32 copy (4 bytes/value), plain BLAS; built at load with the same trick.
   int8     approximate, opt-in only: per-row absmax int8 (1 byte/value); logits differ slightly.
+
+Both exact forms give the same bits, whatever the lane count: BLAS's summation order depends on
+the shape of each call, so every form multiplies x by the same tiles of vocabulary rows, fixed by
+the shapes alone (`call_rows`), and lanes take whole tiles. Which form the machine and backend
+choose (`select.choose_lm_head`) therefore never changes a logit.
+
+With the compiled kernels installed (`fast.kernels()`), both exact modes go through numba's
+`head_f16` / `head_f32`, which read the embedding as it is in the file (f16 widened exactly as it
+is loaded) and compute every logit with the same per-row loop: the two modes give identical
+logits, and a row's logits do not depend on how many rows share the call (prompt chunking) or on
+the ternary backend. BLAS would be faster for long batches (perplexity), but its summation order
+depends on the call's shape.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from .fast import kernels
 from .memory import release_file_pages
 from .threads import Workers
 
 MODES = ("float16", "float32", "int8")
-TILE = 128 * 1024  # embedding values per converted tile (512 KB of float32 scratch)
+TILE = 128 * 1024  # embedding values per tile (512 KB of float32 scratch for a converted tile)
+PROMPT_TILE = 1 << 20  # values per tile from PROMPT_ROWS rows of x on: BLAS needs bigger calls there
+PROMPT_ROWS = 8
 MIN_SPLIT = 1 << 22  # values per lane below which the head is not split (small products stay one BLAS call)
 _KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
 _UNSCALE = np.float32(2.0**112)
@@ -61,6 +76,8 @@ class LMHead:
         self.workers = Workers(threads)
         self._scratch: dict[int, np.ndarray] = {}
         self.row_scale: np.ndarray | None = None
+        # What the compiled kernel reads in both exact modes: the embedding as it is in the file.
+        self.exact_source = embedding.view(np.int16) if embedding.dtype == np.float16 else embedding
         if mode == "float16":
             self.weight = embedding.view(np.int16)
         elif mode == "float32":
@@ -74,16 +91,20 @@ class LMHead:
         vocab, dim = shape
         return vocab * dim * {"float16": 2, "float32": 4, "int8": 1}[mode] + (4 * vocab if mode == "int8" else 0)
 
-    def _tiles(self, fn, rows: int | None = None) -> None:
-        """Run fn(lane, start, stop) over row tiles of the vocabulary on all lanes."""
+    def call_rows(self, tokens: int) -> int:
+        """Vocabulary rows per BLAS call for `tokens` rows of x, the same in every mode and for any lane count."""
+        return max((PROMPT_TILE if tokens >= PROMPT_ROWS else TILE) // self.shape[1], 1)
+
+    def _tiles(self, fn, rows: int) -> None:
+        """Run fn(lane, start, stop) over the tiles [i·rows, (i+1)·rows) of the vocabulary; each lane
+        takes whole tiles, so the tiles do not depend on the number of lanes."""
         vocab, dim = self.shape
-        step = rows or max(TILE // dim, 1)
 
         def lane(index: int, start: int, stop: int) -> None:
-            for r in range(start, stop, step):
-                fn(index, r, min(r + step, stop))
+            for r in range(start, stop, rows):
+                fn(index, r, min(r + rows, stop))
 
-        self.workers.run(lane, vocab, min_rows=max(MIN_SPLIT // dim, 1))
+        self.workers.run(lane, vocab, align=rows, min_rows=max(MIN_SPLIT // dim, 1))
 
     def _lane_buffer(self, lane: int, size: int) -> np.ndarray:
         buf = self._scratch.get(lane)
@@ -119,12 +140,32 @@ class LMHead:
         self._tiles(quantize, rows=max((1 << 20) // self.shape[1], 1))
         return codes, scale
 
+    def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
+        """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels, or
+        None if they are not installed or the mode is int8."""
+        fast = kernels()
+        if fast is None or self.mode == "int8":
+            return None
+        weight = weight.view()
+        weight.flags.writeable = False
+        out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
+        fast.set_threads(self.workers.threads)
+        if weight.dtype == np.int16:
+            fast.head_f16(weight, x, out)
+        else:
+            fast.head_f32(weight, x, out)
+        return out
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 logits (T, vocab) of float32 rows x (T, dim)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        compiled = self._compiled(x, self.exact_source)
+        if compiled is not None:
+            return compiled
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
+        rows = self.call_rows(x.shape[0])
         if self.mode == "float32":
-            self._tiles(lambda lane, a, b: np.matmul(x, self.weight[a:b].T, out=out[:, a:b]), rows=1 << 30)
+            self._tiles(lambda lane, a, b: np.matmul(x, self.weight[a:b].T, out=out[:, a:b]), rows)
             return out
         scaled = self.mode == "float16" and float(np.abs(x).max(initial=0)) < _SAFE_X
         xs = x * _UNSCALE if scaled else x
@@ -140,16 +181,20 @@ class LMHead:
                 f16_to_f32(self.weight[a:b], buf)
             np.matmul(xs, buf.T, out=out[:, a:b])
 
-        self._tiles(tile)
+        self._tiles(tile, rows)
         if self.row_scale is not None:
             out *= self.row_scale
         return out
 
     def columns(self, x: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """float32 logits (T, len(ids)) of rows x for the vocabulary entries `ids` only, the same
-        values as the matching columns of `self(x)` (used where only a few tokens are scored)."""
+        """float32 logits (T, len(ids)) of rows x for the vocabulary entries `ids` only: the matching
+        columns of `self(x)` up to float32 rounding (another call shape sums in another order), the
+        same bits in every mode (used where only a few tokens are scored)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.intp)
+        compiled = self._compiled(x, self.exact_source[ids])
+        if compiled is not None:
+            return compiled
         if self.mode == "float16":
             rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
         else:

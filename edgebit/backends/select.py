@@ -34,7 +34,7 @@ WORKLOAD = (128, 128)  # (prompt, generated) tokens of the request the choice is
 MEMORY_SHARE = 0.85  # at most this share of the available memory goes to resident weights + extras
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # Without a probe: fastest first (benchmarks/RESULTS.md); backends not listed come last.
-STATIC_ORDER = ("dense", "float32", "packed", "lut")
+STATIC_ORDER = ("numba", "dense", "float32", "packed", "lut")
 
 
 def cache_dir() -> Path:
@@ -187,9 +187,16 @@ def choose_backend(shapes: list[tuple[int, int]], threads: int | None = None, ex
 
 def choose_lm_head(backend: type[Backend], shapes: list[tuple[int, int]], embedding_shape: tuple[int, int],
                    extra_bytes: int = 0, machine: Machine | None = None) -> str:
-    """The exact LM-head form for a model: "float32" if it fits beside the backend's weights, else "float16"."""
+    """The exact LM-head form for a model: "float32" if it fits beside the backend's weights, else "float16".
+
+    With the compiled kernels the head reads the file's f16 values directly, so a float32 copy would
+    only cost memory: "float16".
+    """
+    from .fast import kernels
     from .lm_head import LMHead
 
+    if kernels() is not None:
+        return "float16"
     machine = machine or detect()
     if machine.mem_available is None:
         return "float32"

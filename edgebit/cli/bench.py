@@ -56,7 +56,9 @@ def bench(model: str | None, model_opt: str | None, shape: str | None, backends:
     if path is None:
         if shape is None:
             raise click.UsageError("give MODEL or --shape")
-        click.echo(f"using a random {shape} model (written once to the cache)...", err=True)
+        target = benchmark.random_model_path(shape)
+        click.echo(f"using the random {shape} model {target} ({'already there' if target.exists() else 'writing it'}; "
+                   f"in the model store, remove it with `edgebit models rm {target.stem}`)", err=True)
         path = str(benchmark.random_model(shape))
     if backends == "all":
         names: list[str | None] = sorted(available_backends())
@@ -125,4 +127,8 @@ def backends(model: str | None, model_opt: str | None, shape: str | None, thread
         click.echo(f"{mark} {row['name']:<10} {state}{size}\n    {row['description']}")
     if shapes:
         click.echo(f"  (plus the LM head, {benchmark.format_bytes(extra)} as float16)")
-    click.echo(f"automatic choice: {choice.backend} ({choice.reason})")
+    if shapes:
+        click.echo(f"automatic choice: {choice.backend} ({choice.reason})")
+    else:  # with no weights to place, the memory part of the reason would say "needs 0.00 GB"
+        click.echo(f"automatic choice: {choice.backend} (the fastest here; what fits in memory depends on the "
+                   "model: give MODEL or --shape)")

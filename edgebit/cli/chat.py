@@ -31,12 +31,13 @@ def chat(model: str | None, model_opt: str | None, system: str | None, max_token
          top_k: int, top_p: float, seed: int | None, backend: str | None, threads: int | None) -> None:
     """Chat with a model; replies stream as they are generated.
 
-    \b
     Each line you type is a user turn.
-    \b
+
     Type /reset to start over and /exit (or Ctrl-D) to quit; Ctrl-C stops a reply. With piped
     input every line is one user turn and only the replies are printed, one per line group.
     When the conversation outgrows the context, the oldest turns are dropped (with a note on stderr).
+
+    \b
     Examples:
       edgebit chat bitnet-b1.58-2b-4t --system "You are a terse assistant."
       printf 'Hi\\nWhat is 2+2?\\n' | edgebit chat model.gguf --temp 0

@@ -53,12 +53,13 @@ def classify(texts: tuple[str, ...], model_opt: str | None, label: tuple[str, ..
              prompt: str | None, as_json: bool, backend: str | None, threads: int | None) -> None:
     """Label texts with the most probable of a set of labels.
 
-    \b
     Each TEXT (or each JSON line on stdin) gets the label the model finds most probable.
-    \b
+
     Without TEXT arguments, reads JSON lines {"text": ..., "id": ...} from stdin and writes one JSON
     line {"id", "label", "scores"} per input, in order; a bad line gets {"id", "error"} and the exit
     code is 1 at the end. The model comes from -m or the configured default.
+
+    \b
     Examples:
       edgebit classify -m 2b4t --labels positive,negative "I love it" "Broken on arrival"
       edgebit classify -m 2b4t -l normal -l warning -l critical --json "Boiler at 95 C"

@@ -32,14 +32,15 @@ def convert_cmd(source: str, output: str | None, weight_type: str, weight_scale:
                 name: str | None, force: bool, as_json: bool, progress: bool | None) -> None:
     """Convert a Hugging Face BitNet checkpoint to GGUF.
 
-    \b
     SOURCE holds config.json, *.safetensors and tokenizer.json or tokenizer.model; the GGUF file
     runs in edgebit and bitnet.cpp.
-    \b
+
     Understands the packed microsoft/bitnet-b1.58-2B-4T checkpoint (uint8 + weight_scale), the bf16
     master and 1bitLLM checkpoints (float weights, ternarised with BitNet's absmean rule). Works
     tensor by tensor from memory-mapped files. Without OUTPUT the file goes into the model store as
     <directory name>-<type>.gguf, so it can be used by that name.
+
+    \b
     Examples:
       edgebit convert ./bitnet-b1.58-2B-4T bitnet-2b.gguf
       edgebit convert ./bitnet_b1_58-large --type tq2_0

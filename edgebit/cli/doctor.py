@@ -16,7 +16,7 @@ import click
 import numpy as np
 
 from .. import __version__, config, store
-from ..backends import get_backend
+from ..backends import fast, get_backend
 from ..backends.machine import detect
 from ..gguf import GGUFFile
 from . import main
@@ -79,6 +79,25 @@ def _model_check(model: str, backend: str | None, threads: int | None,
     return out
 
 
+def _missing(model: str | None, broker: str | None, stored: int) -> list[dict[str, str]]:
+    """What is not set up yet (no failure, but edgebit cannot do its work without it), each with
+    the next command to run."""
+    cfg = config.config_path()
+    missing = []
+    if model is None and stored == 0:
+        missing.append({"what": "no model: the store is empty and no default model is set",
+                        "next": "edgebit pull bitnet-b1.58-2b-4t   (offline: `edgebit models import FILE`; "
+                                "a random test model: `edgebit models random`)"})
+    elif model is None:
+        missing.append({"what": "no default model: commands need MODEL or -m (see `edgebit models list`)",
+                        "next": f"add `model = \"NAME\"` to {cfg}, or export EDGEBIT_MODEL=NAME"})
+    if broker is None:
+        missing.append({"what": "no MQTT broker configured (`edgebit serve` needs one)",
+                        "next": f"edgebit doctor --broker HOST:1883, then add [broker] host = \"HOST\" to {cfg} "
+                                "or export EDGEBIT_MQTT_HOST=HOST"})
+    return missing
+
+
 @main.command()
 @click.argument("model", required=False)
 @model_option
@@ -93,12 +112,14 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
            threads: int | None, as_json: bool) -> None:
     """Check this machine, a model and an MQTT broker for edgebit.
 
-    \b
     Reports CPU, memory, Python and numpy, BLAS, the model store, and optionally a model (MODEL or
     the configured default) and a broker.
-    \b
+
     Exit code 0 when every check passes, 1 when one fails (unreadable model, unusable backend,
-    unreachable broker).
+    unreachable broker). What is not set up yet (no model, no broker) is listed with the next
+    command to run; it does not fail the check.
+
+    \b
     Examples:
       edgebit doctor
       edgebit doctor bitnet-b1.58-2b-4t --broker mqtt.local:1883
@@ -121,6 +142,7 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
                   "config": str(config.config_path()), "config_exists": config.config_path().exists()},
         "problems": [],
     }
+    report["kernels"] = fast.status()
     for name in PACKAGES:
         try:
             report["packages"][name] = version(name)
@@ -160,9 +182,20 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
         report["broker"] = {"address": broker, "reachable": ok, "message": message}
         if not ok:
             report["problems"].append(f"broker: {message}")
+    report["missing"] = _missing(chosen_model, broker, report["store"]["count"])
     _print(report, as_json)
     if report["problems"]:
         sys.exit(1)
+
+
+def _kernels_line(kernels: dict[str, Any]) -> str:
+    if not kernels["available"]:
+        return (f"numpy only: {kernels['reason']} (several times faster generation; numpy stays the "
+                "fallback)")
+    cache = (f"cache warm ({kernels['cached']}/{kernels['kernels']} loaded in {kernels['seconds']:.1f} s)"
+             if kernels["cached"] == kernels["kernels"] else
+             f"compiled in {kernels['seconds']:.1f} s for this CPU (first run), now cached")
+    return f"compiled (numba {kernels['numba']}): {cache} in {kernels['cache_dir']}"
 
 
 def _print(report: dict[str, Any], as_json: bool) -> None:
@@ -181,6 +214,7 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
         ("models", f"{st['models']} ({st['count']} stored, {_gb(st['disk_free'])} free)"),
         ("config", st["config"] + ("" if st["config_exists"] else " (not present)")),
     ]
+    lines.append(("kernels", _kernels_line(report["kernels"])))
     if "backend" in report:
         lines.append(("backend", report["backend"]))
     model = report.get("model")
@@ -195,7 +229,13 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         click.echo(f"{key:<{width}}  {value}")
+    for item in report["missing"]:
+        click.echo(f"missing: {item['what']}\n  next: {item['next']}")
     for problem in report["problems"]:
         click.echo(f"problem: {problem}", err=True)
-    if not report["problems"]:
+    if report["problems"]:
+        return
+    if report["missing"]:
+        click.echo(f"the checks passed, but {len(report['missing'])} thing(s) are missing (above)")
+    else:
         click.echo("all checks passed")

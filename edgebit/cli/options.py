@@ -41,9 +41,9 @@ def open_model(model: str | None, backend: str | None = None, threads: int | Non
 
     path = resolve_model(model)
     try:
-        with ProgressBar("loading", None) as bar:
+        with ProgressBar("compiling kernels", None) as kernels_bar, ProgressBar("loading", None) as bar:
             return load(path, backend=config.resolve("backend", backend), threads=config.resolve("threads", threads),
-                        progress=bar, **kwargs)
+                        progress=bar, compile_progress=kernels_bar, **kwargs)
     except (OSError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..backends.machine import detect
 from . import main
 from .options import model_option, one_model, open_model
 
@@ -26,6 +27,7 @@ threads_option = click.option("-t", "--threads", type=click.IntRange(min=1), def
                               help="CPU threads (default: all cores).")
 numerics_option = click.option("--numerics", type=click.Choice(["reference", "ggml"]), default="reference",
                                show_default=True, help="float32 reference math, or bitnet.cpp's f16 roundings.")
+DEFAULT_CTX = 512  # llama-perplexity's default window
 kv_option = click.option("--kv-dtype", type=click.Choice(["float32", "float16"]), default="float32",
                          show_default=True, help="KV-cache element type (float16 halves its memory).")
 
@@ -51,6 +53,8 @@ def info(model: str | None, model_opt: str | None, as_json: bool, backend: str |
     for key, value in data.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif key == "threads" and value is None:  # the backend's default
+            value = f"all cores ({detect().cpus})"
         click.echo(f"{key:<{width}}  {value}")
 
 
@@ -108,8 +112,9 @@ def generate(model: str | None, prompt: str | None, model_opt: str | None, max_t
 @click.argument("model", required=False)
 @click.argument("text_file", required=False)
 @model_option
-@click.option("-c", "--ctx", type=click.IntRange(min=4), default=512, show_default=True,
-              help="Window size in tokens; the second half of each window is scored.")
+@click.option("-c", "--ctx", type=click.IntRange(min=4), default=None,
+              help=f"Window size in tokens; the second half of each window is scored [default: {DEFAULT_CTX}, "
+                   "or the model's context length if that is smaller].")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @backend_option
 @threads_option
@@ -125,6 +130,12 @@ def perplexity(model: str | None, text_file: str | None, model_opt: str | None, 
     """
     model, text_file = _shift(model, model_opt, text_file, "TEXT_FILE")
     m = open_model(model, backend, threads, numerics=numerics, kv_dtype=kv_dtype)
+    n_ctx = m.config.n_ctx
+    if ctx is None:
+        ctx = min(DEFAULT_CTX, n_ctx)
+    elif ctx > n_ctx:
+        raise click.BadParameter(f"{ctx} is more than the context length of {m.path} ({n_ctx} tokens); "
+                                 f"use --ctx {n_ctx} or less", param_hint="--ctx")
     try:
         with open(text_file, encoding="utf-8", newline="") as fh:
             text = fh.read()
@@ -133,7 +144,7 @@ def perplexity(model: str | None, text_file: str | None, model_opt: str | None, 
     try:
         ppl = m.perplexity(text, ctx=ctx)
     except ValueError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc} (--ctx {ctx}: use a longer text or a smaller --ctx)") from None
     if as_json:
         click.echo(json.dumps({"model": model, "file": text_file, "ctx": ctx, "perplexity": ppl}))
     else:

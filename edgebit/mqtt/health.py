@@ -75,6 +75,7 @@ class Stats:
             "ok": counts.get("ok", 0),
             "errors": errors,
             "duplicates": counts.get("duplicates", 0),
+            "id_conflicts": counts.get("id_conflicts", 0),
             "dropped": counts.get("dropped", 0),
             "computed": counts.get("computed", 0),
             "batches": counts.get("batches", 0),

@@ -8,6 +8,7 @@ is checked before use, and nothing here raises anything but `RequestError`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -136,6 +137,14 @@ class Request:
     deadline_ms: int | None = None
     reply_to: str | None = None
     source: str | None = None  # the input topic of a tap message
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of what the request asks (task, id, items, labels, generation settings), not of how
+        it travels (deadline, reply route): two requests with one id are duplicates only if these agree."""
+        content = [self.task.name, self.id, self.batch, list(self.labels), dict(self.generation),
+                   [[item.id, item.text, [dict(m) for m in item.messages or ()]] for item in self.items]]
+        return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
     @property
     def batch_key(self) -> tuple[str, tuple[str, ...]] | None:

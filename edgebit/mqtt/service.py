@@ -31,6 +31,28 @@ from .protocol import Request, RequestError, Topics
 log = logging.getLogger(__name__)
 
 DedupeKey = tuple[str, str]  # (task, request id)
+RECONNECT_MIN = 1  # seconds before the first retry; paho doubles it per failure up to [broker] reconnect_max
+
+
+class _Client(mqtt.Client):
+    """paho's client, keeping why the last connection attempt failed (paho's retry loop drops it)."""
+
+    last_error: OSError | None = None
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.last_error = exc
+            raise
+
+
+class _DropNotConnected(logging.Filter):
+    """Drop paho's "Client is not connected. Socket: None" error, logged after every failed attempt:
+    `Service._on_connect_fail` reports the same event with the broker's address and the reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Client is not connected")
 
 
 @dataclass
@@ -107,39 +129,53 @@ class WorkQueue:
 
 
 class Replay:
-    """Responses to recent request ids (LRU), and duplicates waiting for an original still in work."""
+    """Responses to recent request ids (LRU), and duplicates waiting for an original still in work.
+
+    Each id is remembered with the fingerprint of its request (`Request.fingerprint`): only a request
+    asking the same thing is a duplicate; a reused id with other content must never get the stored answer.
+    """
 
     def __init__(self, size: int, max_waiting: int) -> None:
         self.size = size
         self.max_waiting = max_waiting
-        self._done: OrderedDict[DedupeKey, bytes] = OrderedDict()
-        self._working: dict[DedupeKey, list[Delivery]] = {}
+        self._done: OrderedDict[DedupeKey, tuple[str, bytes]] = OrderedDict()
+        self._working: dict[DedupeKey, tuple[str, list[Delivery]]] = {}
         self._n_waiting = 0
         self._lock = threading.Lock()
 
-    def claim(self, key: DedupeKey, delivery: Delivery) -> bytes | str:
+    def claim(self, key: DedupeKey, fingerprint: str, delivery: Delivery) -> bytes | str:
         """The stored response of a duplicate; "wait" if the original is in work (the duplicate gets its
-        answer); "full" if too many duplicates already wait; "new" otherwise (now in work)."""
+        answer); "full" if too many duplicates already wait; "conflict" if the id is remembered for a
+        request with other content; "new" otherwise (now in work)."""
         with self._lock:
             if key in self._done:
+                known, response = self._done[key]
+                if known != fingerprint:
+                    return "conflict"
                 self._done.move_to_end(key)
-                return self._done[key]
+                return response
             if key in self._working:
+                known, waiters = self._working[key]
+                if known != fingerprint:
+                    return "conflict"
                 if self._n_waiting >= self.max_waiting:
                     return "full"
-                self._working[key].append(delivery)
+                waiters.append(delivery)
                 self._n_waiting += 1
                 return "wait"
-            self._working[key] = []
+            self._working[key] = (fingerprint, [])
             return "new"
 
     def finish(self, key: DedupeKey, response: bytes | None) -> list[Delivery]:
         """Store the response (None: forget the request, e.g. a retryable error); returns the waiters."""
         with self._lock:
-            waiters = self._working.pop(key, [])
+            entry = self._working.pop(key, None)
+            if entry is None:  # not claimed: nothing to store, nobody waiting
+                return []
+            fingerprint, waiters = entry
             self._n_waiting -= len(waiters)
             if response is not None and self.size > 0:
-                self._done[key] = response
+                self._done[key] = (fingerprint, response)
                 while len(self._done) > self.size:
                     self._done.popitem(last=False)
             return waiters
@@ -174,6 +210,8 @@ class Service:
         self._acked = threading.Condition(self._lock)  # notified when a publish that carried acks completes
         self._connection = 0
         self._connected = False
+        self._failures = 0  # connection attempts failed since the last accepted one
+        self._announced = False  # "serving" was said for the current connection
         self._max_packet: int | None = None
         self._pending: dict[int, tuple[int, list[Delivery]]] = {}  # our publish mid → (qos, requests to ack)
         self._early: set[int] = set()  # mids whose PUBACK came before publish() returned
@@ -188,19 +226,23 @@ class Service:
 
     def _make_client(self) -> mqtt.Client:
         b = self.cfg.broker
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=b.client_id,
+        client = _Client(CallbackAPIVersion.VERSION2, client_id=b.client_id,
                              protocol=mqtt.MQTTv5 if self.mqtt5 else mqtt.MQTTv311,
                              clean_session=None if self.mqtt5 else False, manual_ack=True)
         client.suppress_exceptions = True
-        client.enable_logger(logging.getLogger("edgebit.mqtt.paho"))
+        paho_log = logging.getLogger("edgebit.mqtt.paho")
+        if not any(isinstance(f, _DropNotConnected) for f in paho_log.filters):
+            paho_log.addFilter(_DropNotConnected())
+        client.enable_logger(paho_log)
         client.will_set(self.topics.status, protocol.OFFLINE, qos=1, retain=True)
         if b.tls is not None:
             client.tls_set(ca_certs=b.tls.ca, certfile=b.tls.cert, keyfile=b.tls.key)
             client.tls_insecure_set(b.tls.insecure)
         if b.username is not None:
             client.username_pw_set(b.username, b.password)
-        client.reconnect_delay_set(1, b.reconnect_max)
+        client.reconnect_delay_set(RECONNECT_MIN, b.reconnect_max)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
@@ -226,6 +268,7 @@ class Service:
         with self._lock:
             self._connection += 1
             self._connected = True
+            self._failures = 0
             # QoS 0 publishes not yet written died with the old socket: nothing will confirm them.
             self._pending = {mid: p for mid, p in self._pending.items() if p[0] > 0}
         self._max_packet = getattr(props, "MaximumPacketSize", None) if self.mqtt5 else None
@@ -241,12 +284,28 @@ class Service:
         if self.cfg.node.homeassistant:
             self._publish_discovery()
         self._status(f"{self.model_state}; connected to {self.cfg.broker.host}:{self.cfg.broker.port}")
+        self._announce()
+
+    def _on_connect_fail(self, client: _Client, userdata: Any) -> None:
+        """A connection attempt failed before the broker answered: say where, why and when the next one is."""
+        b = self.cfg.broker
+        with self._lock:
+            delay = min(RECONNECT_MIN * 2**self._failures, b.reconnect_max)  # paho's back-off, mirrored
+            self._failures += 1
+        exc = client.last_error
+        reason = (exc.strerror or str(exc)) if exc is not None else "unknown error"
+        log.warning("cannot reach broker %s:%s: %s; retrying in %d s", b.host, b.port, reason, delay)
+        self._status(f"{self.model_state}; cannot reach broker {b.host}:{b.port}: {reason}")
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         with self._lock:
+            if self._connected:  # paho waits RECONNECT_MIN before its first retry, then doubles
+                self._failures = 1
             self._connected = False
+            self._announced = False
         if not self._stopping.is_set():
-            log.warning("lost the broker connection (%s); reconnecting with back-off", reason)
+            log.warning("lost the connection to broker %s:%s (%s); reconnecting with back-off", self.cfg.broker.host,
+                        self.cfg.broker.port, reason)
             self._status(f"{self.model_state}; broker unreachable, reconnecting")
 
     def _on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, reasons: list[Any],
@@ -416,10 +475,16 @@ class Service:
         key = (task.name, request.id) if request.id else None
         job = Job(request, delivery, key)
         if key is not None:
-            claim = self.replay.claim(key, delivery)
+            claim = self.replay.claim(key, request.fingerprint, delivery)
             if isinstance(claim, bytes):
                 self.stats.count("duplicates")
                 self._send(delivery, claim)
+                return
+            if claim == "conflict":
+                self.stats.count("id_conflicts")
+                self._reply_error(delivery, "bad_request", f"request id {request.id!r} was already used for a "
+                                  f"different request to task {task.name!r}; give every request its own id "
+                                  "(e.g. a UUID)", request.id, task.name)
                 return
             if claim == "wait":
                 self.stats.count("duplicates")
@@ -540,8 +605,27 @@ class Service:
         self._publish_info()
         if self.cfg.node.homeassistant:
             self._publish_discovery()
-        sdnotify.notify("READY=1", f"STATUS=serving {len(self.cfg.tasks)} task(s) with {info['name']}")
-        log.info("serving tasks %s with %s", ", ".join(self.cfg.tasks), info["name"])
+        # READY=1 means the process is up (systemd would kill a node that waits long for its broker);
+        # "serving" is said only once the broker has accepted the connection.
+        sdnotify.notify("READY=1")
+        if not self._announce():
+            b = self.cfg.broker
+            log.info("loaded %s; waiting for the broker %s:%s", info["name"], b.host, b.port)
+            self._status(f"model loaded; waiting for the broker {b.host}:{b.port}")
+        return True
+
+    def _announce(self) -> bool:
+        """Say "serving" once per connection, when the model is loaded and the broker has accepted us;
+        returns whether both hold."""
+        with self._lock:
+            if not self._connected or self.model_state != "ready":
+                return False
+            if self._announced:
+                return True
+            self._announced = True
+        b, name = self.cfg.broker, self.model_info["name"] if self.model_info else "?"
+        sdnotify.notify(f"STATUS=serving {len(self.cfg.tasks)} task(s) with {name} on {b.host}:{b.port}")
+        log.info("serving tasks %s with %s on %s:%s", ", ".join(self.cfg.tasks), name, b.host, b.port)
         return True
 
     def _run(self, jobs: list[Job]) -> None:

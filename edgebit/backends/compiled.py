@@ -1,0 +1,77 @@
+"""The compiled backend: the file's 2-bit I2_S codes used in place by numba kernels.
+
+Resident memory is the memory map itself (n/4 bytes, 0.52 GB for the 2B4T): I2_S rows whose width
+is a multiple of 128 are passed to the kernels as they lie in the file. Other layouts (TQ1_0,
+TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
+row layout, rows padded with zero weights to whole blocks. One token uses the decode kernel
+(`i2s_gemv`), several the prompt kernel (`i2s_gemm`); both return exact integer products
+(numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import quants
+from ..weights import TernaryWeight
+from .base import Backend
+from .fast import kernels, unavailable_reason
+from .i2s import BLOCK
+
+
+@dataclass(frozen=True)
+class PackedRows:
+    """I2_S rows (M, K'/4) uint8, read-only, with K' = K rounded up to whole blocks."""
+
+    rows: np.ndarray
+    k: int  # the matrix's real width; columns k..K' hold zero weights
+
+    @property
+    def width(self) -> int:
+        return self.rows.shape[1] * 4
+
+
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+class NumbaBackend(Backend):
+    name = "numba"
+    description = "compiled kernels (numba): the file's 2-bit I2_S codes used in place, exact int16/int32 products"
+
+    @classmethod
+    def supported(cls) -> tuple[bool, str]:
+        return (True, "") if kernels() is not None else (False, unavailable_reason())
+
+    @classmethod
+    def resident_bytes(cls, shape: tuple[int, int]) -> int:
+        m, k = shape
+        return m * (-(-k // BLOCK) * BLOCK) // 4
+
+    def prepare(self, weight: TernaryWeight) -> PackedRows:
+        m, k = weight.shape
+        if k % BLOCK == 0:
+            rows = weight.i2s_bytes()[: m * k // 4].reshape(m, k // 4)  # a view of the file for I2_S
+        else:
+            width = -(-k // BLOCK) * BLOCK
+            codes = np.zeros((m, width), dtype=np.int8)
+            codes[:, :k] = weight.codes()
+            rows = np.frombuffer(quants.i2s_encode(codes, 1.0), dtype=np.uint8)[: m * width // 4].reshape(m, -1)
+        return PackedRows(_read_only(np.ascontiguousarray(rows)), k)
+
+    def matmul(self, prepared: PackedRows, xq: np.ndarray) -> np.ndarray:
+        fast = kernels()
+        tokens = xq.shape[0]
+        x = np.zeros((tokens, prepared.width), dtype=np.int16)
+        x[:, : prepared.k] = xq
+        out = np.empty((tokens, prepared.rows.shape[0]), dtype=np.float32)
+        fast.set_threads(self.threads)
+        if tokens == 1:
+            fast.i2s_gemv(prepared.rows, x[0], out[0])
+        elif tokens > 1:
+            fast.i2s_gemm(prepared.rows, x, out)
+        return out

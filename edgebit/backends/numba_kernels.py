@@ -1,0 +1,346 @@
+"""Compiled kernels: plain Python loops that numba compiles with LLVM for the machine it runs on.
+
+No intrinsics and no model knowledge: each kernel is a short loop nest over typed arrays, written
+so LLVM's vectorizer can see through it (SSE/AVX on x86, NEON on a Raspberry Pi). Importing this
+module needs numba (`pip install 'edgebit[fast]'`); `fast.kernels()` is the guarded way in.
+
+I2_S rows. A prepared weight is (M, K/4) uint8 with K % 128 == 0, one row of the matrix per row:
+the file's own bytes when the I2_S tensor already has that shape (the memory map, never copied).
+Block b of a row is bytes 32b .. 32b+31; byte j of the block holds the codes c = w + 1 ∈ {0, 1, 2}
+of four weights at bit shifts 6, 4, 2, 0:
+
+    byte 32b + j  =  c[128b + j] << 6 | c[128b + 32 + j] << 4 | c[128b + 64 + j] << 2 | c[128b + 96 + j]
+
+Exactness. Activations are integers with |x| ≤ 128. The decode kernel multiplies the unsigned codes,
+Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. Per block and lane the four products sum to at
+most 4·2·128 = 1024 in magnitude, so BLOCKS_PER_INT16 = 16 blocks are summed in int16 (≤ 16384)
+before widening to int32; a row sum is bounded by 2·128·K, far below 2**31 and, for K < 65536,
+below 2**24, so the float32 result is the exact integer. The prompt kernel decodes rows to
+w ∈ {-1, 0, 1} in int16 and sums w·x in int32 (the multiply-add pattern LLVM turns into
+`pmaddwd` / `smlal`).
+
+LM head. f16 embedding rows arrive as their int16 bits and are widened exactly to float32 as they
+are read (`_half_to_float`: LLVM's portable half → float conversion). The float32 dot product may
+be reassociated so LLVM can vectorize it: its rounding then depends on the CPU's vector width, as
+BLAS's does, but not on the ternary backend, the batch or the thread count.
+
+Two generic LLVM operations are emitted directly (`_prefetch`, `_half_to_float`): neither is
+specific to a CPU; LLVM lowers both for x86 and ARM.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+
+import numba
+import numpy as np
+from llvmlite import ir
+from numba import prange, types
+from numba.extending import intrinsic
+
+from .select import cache_dir
+
+if not os.environ.get("NUMBA_CACHE_DIR"):
+    # numba's default is __pycache__ beside this file, which may be read-only (site-packages).
+    numba.config.CACHE_DIR = str(cache_dir() / "numba")
+
+BLOCK = 128  # weights per I2_S block
+BLOCK_BYTES = 32
+BLOCKS_PER_INT16 = 16  # blocks summed in int16 lanes before widening (|sum| ≤ 16·1024)
+DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
+PROMPT_ROWS = 8  # rows decoded together by the prompt kernel (8 × K int16 stay in L1/L2)
+HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
+PREFETCH_ROWS = 4  # rows ahead that streaming kernels ask the memory system for
+
+_i16 = np.int16
+_i32 = np.int32
+
+_U8_ROWS = types.Array(types.uint8, 2, "C", readonly=True)
+_I16_ROWS_RO = types.Array(types.int16, 2, "C", readonly=True)
+_F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
+_I16_VEC = types.Array(types.int16, 1, "C")
+_I16_MAT = types.Array(types.int16, 2, "C")
+_F32_VEC = types.Array(types.float32, 1, "C")
+_F32_MAT = types.Array(types.float32, 2, "C")
+
+_JIT = {"cache": True, "nogil": True}
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # noqa: ARG001 (numba's signature)
+    """Hint that array[index] will be read soon: LLVM's target-independent `llvm.prefetch`
+    (prefetcht0 on x86, prfm on ARM). This VM's hardware prefetcher does not keep a streaming
+    kernel fed (measured: 9 → 19 G MAC/s for a DRAM-resident decode)."""
+    if not isinstance(array, types.Array) or array.ndim != 1 or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        byte_ptr = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = builder.module.globals.get("llvm.prefetch.p0")
+        if fn is None:
+            fn = ir.Function(builder.module, ir.FunctionType(ir.VoidType(), [byte_ptr, i32, i32, i32]),
+                             "llvm.prefetch.p0")
+        address = builder.bitcast(builder.gep(data, [args[1]]), byte_ptr)
+        builder.call(fn, [address, ir.Constant(i32, 0), ir.Constant(i32, 3), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
+
+
+@intrinsic
+def _half_to_float(typingctx, bits):  # noqa: ARG001
+    """The float32 value of IEEE half-precision bits (int16), exactly: LLVM's `fpext half → float`
+    (vcvtph2ps with F16C, fcvtl on ARM). numba has no float16 type on the CPU."""
+    if bits != types.int16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+
+    return types.float32(types.int16), codegen
+
+
+@numba.njit(inline="always")
+def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
+    """Prefetch every 64-byte line of row `row` of a row-major array (nothing past the end)."""
+    start = row * row_elements
+    if start + row_elements <= flat.shape[0]:
+        step = 64 // flat.itemsize
+        for offset in range(0, row_elements, step):
+            _prefetch(flat, start + offset)
+
+
+@numba.njit(parallel=True, **_JIT)
+def i2s_gemv(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[m] = Σ_k w[m, k]·x[k] for one token; packed (M, K/4) I2_S rows, x int16 (K,)."""
+    m_rows, quarter = packed.shape
+    n_blocks = quarter // BLOCK_BYTES
+    flat = packed.reshape(-1)
+    x_sum = 0
+    for k in range(x.shape[0]):
+        x_sum += x[k]
+    for chunk in prange((m_rows + DECODE_ROWS - 1) // DECODE_ROWS):
+        wide = np.zeros(BLOCK_BYTES, np.int32)
+        narrow = np.zeros(BLOCK_BYTES, np.int16)
+        for m in range(chunk * DECODE_ROWS, min(m_rows, (chunk + 1) * DECODE_ROWS)):
+            row = packed[m]
+            _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
+            wide[:] = 0
+            for first in range(0, n_blocks, BLOCKS_PER_INT16):
+                narrow[:] = 0
+                for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
+                    xb = x[b * BLOCK: b * BLOCK + BLOCK]
+                    rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
+                    for j in range(BLOCK_BYTES):
+                        byte = _i16(rb[j])
+                        narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
+                                          + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
+                for j in range(BLOCK_BYTES):
+                    wide[j] += narrow[j]
+            total = 0
+            for j in range(BLOCK_BYTES):
+                total += wide[j]
+            out[m] = total - x_sum
+
+
+@numba.njit(inline="always")
+def _decode_row(row: np.ndarray, w: np.ndarray) -> None:
+    """Weights w ∈ {-1, 0, 1} (int16, natural order) of one I2_S row."""
+    for b in range(row.shape[0] // BLOCK_BYTES):
+        for j in range(BLOCK_BYTES):
+            byte = _i16(row[b * BLOCK_BYTES + j])
+            w[b * BLOCK + j] = ((byte >> 6) & 3) - 1
+            w[b * BLOCK + 32 + j] = ((byte >> 4) & 3) - 1
+            w[b * BLOCK + 64 + j] = ((byte >> 2) & 3) - 1
+            w[b * BLOCK + 96 + j] = (byte & 3) - 1
+
+
+@numba.njit(parallel=True, **_JIT)
+def i2s_gemm(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, m] = Σ_k w[m, k]·x[t, k] for many tokens; x int16 (T, K), out float32 (T, M).
+
+    A tile of PROMPT_ROWS rows is decoded once to int16 and multiplied with every token, so the
+    decoding is paid once per T tokens.
+    """
+    m_rows = packed.shape[0]
+    tokens, k_len = x.shape
+    for tile in prange((m_rows + PROMPT_ROWS - 1) // PROMPT_ROWS):
+        first = tile * PROMPT_ROWS
+        rows = min(PROMPT_ROWS, m_rows - first)
+        w = np.empty((PROMPT_ROWS, k_len), np.int16)
+        for r in range(rows):
+            _decode_row(packed[first + r], w[r])
+        for t in range(tokens):
+            xt = x[t]
+            for r in range(rows):
+                wr = w[r]
+                total = _i32(0)
+                for k in range(k_len):
+                    total = _i32(total + _i32(wr[k]) * _i32(xt[k]))
+                out[t, first + r] = total
+
+
+@numba.njit(inline="always", fastmath={"reassoc"})
+def _dot_f16(e_bits: np.ndarray, x: np.ndarray) -> np.float32:
+    """Σ E·x in float32 for one f16 row given as int16 bits (the sum's order is LLVM's choice)."""
+    total = np.float32(0)
+    for k in range(e_bits.shape[0]):
+        total += _half_to_float(e_bits[k]) * x[k]
+    return total
+
+
+@numba.njit(inline="always", fastmath={"reassoc"})
+def _dot_f32(e: np.ndarray, x: np.ndarray) -> np.float32:
+    total = np.float32(0)
+    for k in range(e.shape[0]):
+        total += e[k] * x[k]
+    return total
+
+
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def head_f16(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, v] = Σ_d E[v, d]·x[t, d] for an f16 embedding given as int16 bits (V, D); x float32 (T, D)."""
+    vocab, dim = embedding.shape
+    flat = embedding.reshape(-1)
+    for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
+        for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
+            _prefetch_row(flat, v + PREFETCH_ROWS, dim * 2)
+            for t in range(x.shape[0]):
+                out[t, v] = _dot_f16(embedding[v], x[t])
+
+
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, v] = Σ_d E[v, d]·x[t, d] for a float32 embedding (V, D)."""
+    vocab, dim = embedding.shape
+    flat = embedding.reshape(-1)
+    for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
+        for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
+            _prefetch_row(flat, v + PREFETCH_ROWS, dim * 4)
+            for t in range(x.shape[0]):
+                out[t, v] = _dot_f32(embedding[v], x[t])
+
+
+@numba.njit(inline="always")
+def _block_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
+    """numpy's float32 sum of a[lo:lo+n] for n ≤ 128: 8 accumulators, then a fixed tree."""
+    if n < 8:
+        total = np.float32(0)
+        for i in range(n):
+            total += a[lo + i]
+        return total
+    r0, r1, r2, r3 = a[lo], a[lo + 1], a[lo + 2], a[lo + 3]
+    r4, r5, r6, r7 = a[lo + 4], a[lo + 5], a[lo + 6], a[lo + 7]
+    i = 8
+    while i < n - n % 8:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    total = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        total += a[lo + i]
+        i += 1
+    return total
+
+
+@numba.njit
+def _pairwise_sum(a: np.ndarray) -> np.float32:
+    """Σ a in float32 in exactly numpy's order, so the compiled RMSNorm equals numpy's bit for bit.
+
+    numpy halves the range (the first half a multiple of 8) until a part has ≤ 128 elements and adds
+    the two halves' sums; this walks the same tree with an explicit stack (numba cannot cache
+    recursive functions).
+    """
+    depth = 64
+    lo, size, state = np.empty(depth, np.int64), np.empty(depth, np.int64), np.zeros(depth, np.int8)
+    sums = np.empty(depth, np.float32)
+    top, n_sums = 0, 0
+    lo[0], size[0], state[0] = 0, a.shape[0], 0
+    while top >= 0:
+        n = size[top]
+        half = n // 2 - (n // 2) % 8
+        if n <= 128:
+            sums[n_sums] = _block_sum(a, lo[top], n)
+            n_sums += 1
+            top -= 1
+        elif state[top] < 2:  # push the left half, later the right half
+            child_lo = lo[top] + (half if state[top] == 1 else 0)
+            state[top] += 1
+            top += 1
+            lo[top], size[top], state[top] = child_lo, half if state[top - 1] == 1 else n - half, 0
+        else:
+            sums[n_sums - 2] = sums[n_sums - 2] + sums[n_sums - 1]
+            n_sums -= 1
+            top -= 1
+    return sums[0]
+
+
+@numba.njit(**_JIT)
+def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.ndarray, gamma: np.ndarray) -> None:
+    """Per row of x (T, D): y = x / sqrt(mean(x²) + ε) · w, then γ = 127 / max(|y|, 1e-5) and
+    xq = rint(y·γ) as int8 — the same operations, in the same order and precision, as the
+    numpy RMSNorm and activation quantisation of transformer.py, so the results are identical."""
+    tokens, dim = x.shape
+    squares = np.empty(dim, np.float32)
+    y = np.empty(dim, np.float32)
+    for t in range(tokens):
+        row = x[t]
+        for d in range(dim):
+            squares[d] = row[d] * row[d]
+        mean = np.float32(np.float64(_pairwise_sum(squares)) / dim)
+        inv = np.float32(1.0) / np.sqrt(mean + eps)
+        amax = np.float32(0)
+        for d in range(dim):
+            y[d] = row[d] * inv * weight[d]
+            amax = max(amax, abs(y[d]))
+        g = np.float32(127.0 / max(np.float64(amax), 1e-5))
+        gamma[t] = g
+        for d in range(dim):
+            xq[t, d] = np.int8(np.rint(y[d] * g))
+
+
+# The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
+SIGNATURES = {
+    i2s_gemv: (_U8_ROWS, _I16_VEC, _F32_VEC),
+    i2s_gemm: (_U8_ROWS, _I16_MAT, _F32_MAT),
+    head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
+    head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
+    rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
+}
+
+
+def compile_all(progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
+    """Compile every kernel for this CPU, or load it from the on-disk cache; seconds per kernel.
+
+    `progress(done, total)` is called after each kernel (the first run on a CPU takes seconds per
+    kernel, later runs load the cache in well under a second).
+    """
+    seconds = {}
+    for i, (kernel, signature) in enumerate(SIGNATURES.items()):
+        start = time.perf_counter()
+        kernel.compile(signature)
+        seconds[kernel.__name__] = time.perf_counter() - start
+        if progress is not None:
+            progress(i + 1, len(SIGNATURES))
+    return seconds
+
+
+def cache_hits() -> int:
+    """How many kernel signatures were loaded from the on-disk cache in this process."""
+    return sum(sum(kernel.stats.cache_hits.values()) for kernel in SIGNATURES)
+
+
+def set_threads(threads: int | None) -> None:
+    """Use `threads` (None: all numba may use) for the parallel loops started from this thread."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    numba.set_num_threads(max(1, min(threads or limit, limit)))

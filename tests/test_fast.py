@@ -1,0 +1,68 @@
+"""The optional compiled kernels as a user meets them: chosen when installed, announced while compiling,
+reported by doctor and backends, and absent without breaking anything."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import edgebit
+from edgebit.backends import fast
+
+pytestmark = pytest.mark.skipif(fast.kernels() is None, reason=fast.unavailable_reason())
+
+# Runs a command of edgebit's CLI in a process where `import numba` fails, as on a machine without it.
+WITHOUT_NUMBA = "import sys; sys.modules['numba'] = None; from edgebit.cli import main; main(sys.argv[1:])"
+
+
+def _cli(args: list[str], home: Path, without_numba: bool = False) -> subprocess.CompletedProcess[str]:
+    code = WITHOUT_NUMBA if without_numba else "import sys; from edgebit.cli import main; main(sys.argv[1:])"
+    env = {**os.environ, "EDGEBIT_HOME": str(home)}
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_load_reports_kernel_compilation(tiny_model: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    model = edgebit.load(tiny_model, backend="numba", compile_progress=lambda done, total: calls.append((done, total)))
+    total = len(fast.kernels().SIGNATURES)
+    assert calls == [(i, total) for i in range(1, total + 1)]
+    assert model.info["backend"] == "numba" and model.transformer.lm_head.mode == "float16"
+
+
+def test_without_numba_everything_falls_back_and_says_why(tiny_model: Path, tmp_path: Path) -> None:
+    backends = _cli(["backends", "--json"], tmp_path, without_numba=True)
+    assert backends.returncode == 0, backends.stderr
+    rows = {row["name"]: row for row in json.loads(backends.stdout)["backends"]}
+    assert not rows["numba"]["supported"] and "pip install 'edgebit[fast]'" in rows["numba"]["why_not"]
+    assert json.loads(backends.stdout)["choice"]["backend"] != "numba"
+    doctor = _cli(["doctor"], tmp_path, without_numba=True)
+    kernels = next(line for line in doctor.stdout.splitlines() if line.startswith("kernels"))
+    assert "numpy only" in kernels and "pip install 'edgebit[fast]'" in kernels
+    run = _cli(["generate", str(tiny_model), "hello", "-n", "4", "--temp", "0"], tmp_path, without_numba=True)
+    with_numba = _cli(["generate", str(tiny_model), "hello", "-n", "4", "--temp", "0", "--backend", "numba"],
+                      tmp_path)
+    assert run.returncode == 0 and with_numba.returncode == 0, run.stderr + with_numba.stderr
+    assert run.stdout == with_numba.stdout  # the same greedy text with and without the compiled kernels
+
+
+def test_doctor_says_whether_the_compiled_code_is_cached(tmp_path: Path) -> None:
+    first = _cli(["doctor", "--json"], tmp_path)
+    second = _cli(["doctor", "--json"], tmp_path)
+    cold, warm = json.loads(first.stdout)["kernels"], json.loads(second.stdout)["kernels"]
+    assert cold["available"] and cold["cached"] == 0
+    assert warm["cached"] == warm["kernels"] and warm["cache_dir"].startswith(str(tmp_path))
+    text = _cli(["doctor"], tmp_path).stdout
+    assert "cache warm" in text
+
+
+def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> None:
+    half = edgebit.load(tiny_model, backend="numba", lm_head="float16")
+    single = edgebit.load(tiny_model, backend="numba", lm_head="float32")
+    ids = [1, 2, 3, 4, 5]
+    np.testing.assert_array_equal(half.logits(ids), single.logits(ids))

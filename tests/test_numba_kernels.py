@@ -1,0 +1,156 @@
+"""The compiled kernels on their own: exact integer products on any shape, the LM head, the JIT cache.
+
+Small shapes only, so the same file runs under aarch64 emulation (.ci/aarch64.sh). Skipped where
+numba is not installed (the numpy backends are tested without it in test_backends.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgebit import quants
+from edgebit.backends import fast
+from edgebit.transformer import Transformer
+
+nk = fast.kernels()
+pytestmark = pytest.mark.skipif(nk is None, reason=fast.unavailable_reason())
+EXAMPLES = int(os.environ.get("EDGEBIT_TEST_EXAMPLES", "60"))  # fewer under emulation
+
+
+def _rows(codes: np.ndarray) -> np.ndarray:
+    """I2_S rows of a (M, K) ternary matrix with K % 128 == 0, read-only like a memory map."""
+    m, k = codes.shape
+    rows = np.frombuffer(quants.i2s_encode(codes, 1.0), dtype=np.uint8)[: m * k // 4].reshape(m, k // 4)
+    return rows  # frombuffer over bytes: already read-only
+
+
+def _exact(codes: np.ndarray, x: np.ndarray) -> np.ndarray:
+    return (x.astype(np.int64) @ codes.T.astype(np.int64)).astype(np.float32)
+
+
+def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(decode kernel row by row, prompt kernel on all rows) for int8 activations x (T, K)."""
+    rows = _rows(codes)
+    x16 = x.astype(np.int16)
+    one = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
+    for t in range(x.shape[0]):
+        nk.i2s_gemv(rows, x16[t], one[t])
+    many = np.empty_like(one)
+    nk.i2s_gemm(rows, x16, many)
+    return one, many
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
+    """Ternary (M, K), K whole blocks, M anything (not a multiple of the kernels' row tiles), and
+    int8 activations mixing the extremes -128 / 127 with random values."""
+    k = 128 * draw(st.integers(1, 24))
+    m = draw(st.integers(1, 70))
+    t = draw(st.integers(1, 6))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    codes = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
+    codes[rng.random(m) < 0.2] = draw(st.sampled_from([-1, 0, 1]))  # some constant rows
+    x = rng.integers(-128, 128, size=(t, k), dtype=np.int8)
+    extreme = rng.random((t, k)) < draw(st.sampled_from([0.0, 0.5, 1.0]))
+    x[extreme] = rng.choice(np.array([-128, 127], dtype=np.int8), size=int(extreme.sum()))
+    return codes, x
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(problem=problems(), threads=st.sampled_from([1, 2]))
+def test_decode_and_prompt_kernels_are_exact(problem: tuple[np.ndarray, np.ndarray], threads: int) -> None:
+    codes, x = problem
+    nk.set_threads(threads)
+    want = _exact(codes, x)
+    one, many = _products(codes, x)
+    np.testing.assert_array_equal(one, want)
+    np.testing.assert_array_equal(many, want)
+
+
+@pytest.mark.parametrize("k", [128, 2048, 6912])  # int16 lanes are flushed every 16 blocks (2048)
+@pytest.mark.parametrize("value", [-1, 1])
+def test_extreme_sums(k: int, value: int) -> None:
+    """Every weight and activation at its extreme: the largest sums the int16/int32 lanes must hold."""
+    codes = np.full((3, k), value, dtype=np.int8)
+    codes[1] = 0
+    codes[2] = -value
+    for x in (-128, 127):
+        xs = np.full((2, k), x, dtype=np.int8)
+        one, many = _products(codes, xs)
+        np.testing.assert_array_equal(one, _exact(codes, xs))
+        np.testing.assert_array_equal(many, _exact(codes, xs))
+
+
+def test_head_widens_f16_exactly() -> None:
+    """One-hot activations pick single embedding values: the f16 → f32 widening must be exact,
+    subnormals and extremes included (a sum starts at +0, so -0 cannot come back as -0)."""
+    values = np.array([0.0, 2.0, 6e-8, -6e-8, 3e-5, 1e-4, 0.3333, -2.5, 65504, -65504, 7.0, 1.0],
+                      dtype=np.float16)
+    embedding = np.tile(values, (16, 1))  # (16, 12): row v, column d holds values[d]
+    embedding.flags.writeable = False
+    x = np.eye(12, dtype=np.float32)
+    out = np.empty((12, 16), dtype=np.float32)
+    nk.head_f16(embedding.view(np.int16), x, out)
+    np.testing.assert_array_equal(out.view(np.uint32), np.repeat(values.astype(np.float32)[:, None], 16, 1)
+                                  .view(np.uint32))
+
+
+@pytest.mark.parametrize("dim", [64, 100, 2560])
+def test_head_f16_and_f32_agree_with_float64(dim: int) -> None:
+    rng = np.random.default_rng(dim)
+    embedding = (rng.standard_normal((300, dim)) * 0.05).astype(np.float16)
+    embedding.flags.writeable = False
+    x = rng.standard_normal((3, dim)).astype(np.float32)
+    want = x.astype(np.float64) @ embedding.astype(np.float64).T
+    tol = 1e-5 * np.abs(want).max()
+    for threads in (1, 2):
+        nk.set_threads(threads)
+        half = np.empty((3, 300), dtype=np.float32)
+        nk.head_f16(embedding.view(np.int16), x, half)
+        single = np.empty_like(half)
+        widened = embedding.astype(np.float32)
+        widened.flags.writeable = False
+        nk.head_f32(widened, x, single)
+        np.testing.assert_allclose(half, want, rtol=0, atol=tol)
+        np.testing.assert_array_equal(half, single)  # same products, same summation
+
+
+def test_compiled_code_is_cached_under_edgebit_home(tmp_path: Path) -> None:
+    """A fresh process compiles into $EDGEBIT_HOME/cache/numba; a second one loads every kernel from it."""
+    script = ("from edgebit.backends import numba_kernels as nk; nk.compile_all(); "
+              "print(nk.cache_hits(), len(nk.SIGNATURES))")
+    env = {**os.environ, "EDGEBIT_HOME": str(tmp_path)}
+    env.pop("NUMBA_CACHE_DIR", None)
+    first = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert first.stdout.split() == ["0", str(len(nk.SIGNATURES))]
+    assert any((tmp_path / "cache" / "numba").rglob("*.nbi"))
+    second = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    hits, total = second.stdout.split()
+    assert hits == total
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(dim=st.one_of(st.integers(1, 3000), st.sampled_from([6912, 20000, 65537])), tokens=st.integers(1, 4),
+       scale=st.sampled_from([1e-4, 1.0, 300.0]), seed=st.integers(0, 2**32 - 1))
+def test_rmsnorm_quantize_equals_the_numpy_forward_pass(dim: int, tokens: int, scale: float, seed: int) -> None:
+    """The compiled RMSNorm + quantisation is bit-identical to transformer.py's numpy path (numpy's
+    pairwise summation order included), so installing numba changes no number of the model."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((tokens, dim)) * scale).astype(np.float32)
+    x[0, 0] = 0 if dim > 1 else x[0, 0]
+    weight = rng.standard_normal(dim).astype(np.float32)
+    model = SimpleNamespace(numerics="reference", config=SimpleNamespace(eps=1e-5))
+    want_q, want_gamma = Transformer.quantize_activations(Transformer.rmsnorm(model, x, weight))
+    xq, gamma = np.empty((tokens, dim), dtype=np.int8), np.empty(tokens, dtype=np.float32)
+    nk.rmsnorm_quantize(x, weight, np.float32(1e-5), xq, gamma)
+    np.testing.assert_array_equal(xq, want_q)
+    np.testing.assert_array_equal(gamma, want_gamma[:, 0])
