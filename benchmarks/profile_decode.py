@@ -1,6 +1,7 @@
 """Where the time of one decode step goes, and what the LM-head forms cost.
 
     python benchmarks/profile_decode.py --backend dense --threads 2 [--model PATH] [--wait-idle]
+    python benchmarks/profile_decode.py --backend numba --threads 2 --prompt 128   # a prompt instead
 
 Without --model it uses the random 2B4T-shaped model that `edgebit bench --shape 2b4t` writes to
 the cache. The transformer's building blocks are wrapped with timers for `--steps` generated
@@ -55,6 +56,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--context", type=int, default=64)
+    parser.add_argument("--prompt", type=int, default=0,
+                        help="profile prefilling a prompt of this many tokens instead of decode steps")
     parser.add_argument("--wait-idle", action="store_true")
     args = parser.parse_args()
     path = args.model or str(random_model("2b4t"))
@@ -67,16 +70,22 @@ def main() -> None:
         wait_until_idle()
 
     totals: dict[str, float] = defaultdict(float)
-    tr.backend.matmul = timed(totals, "ternary matmul (backend)", tr.backend.matmul)
+    tr.backend.matmul_group = timed(totals, "ternary matmul (backend)", tr.backend.matmul_group)
     for name in BLOCKS:
         setattr(tr, name, timed(totals, name, getattr(tr, name)))
     token = 1
     start = time.perf_counter()
-    for _ in range(args.steps):
+    if args.prompt:
+        args.steps = 1
+        model.prefill(cache, rng.integers(0, model.config.n_vocab, args.prompt).tolist())
+    for _ in range(0 if args.prompt else args.steps):
         token = int(np.argmax(model.prefill(cache, [token])))
     step = (time.perf_counter() - start) / args.steps * 1e3
     print(f"{path}: backend {tr.backend.name}, threads {args.threads or 'all'}, context {args.context}")
-    print(f"decode step {step:.1f} ms ({1e3 / step:.2f} tok/s)")
+    if args.prompt:
+        print(f"prompt of {args.prompt} tokens {step:.1f} ms ({args.prompt * 1e3 / step:.2f} tok/s)")
+    else:
+        print(f"decode step {step:.1f} ms ({1e3 / step:.2f} tok/s)")
     rows = sorted(totals.items(), key=lambda kv: -kv[1])
     rows.append(("other", args.steps * step / 1e3 - sum(totals.values())))
     for name, total in rows:

@@ -13,24 +13,31 @@ from edgebit.synthetic import write_random_model
 
 TESTDATA = Path(__file__).resolve().parent.parent.parent / "shared" / "testdata"
 REFERENCE_MODELS = TESTDATA / "reference-models"
-_PRIVATE_HOME = pytest.StashKey[tuple[str, str | None]]()
+_PRIVATE_HOME = pytest.StashKey[tuple[str, dict[str, str | None]]]()
 
 
 def pytest_configure(config: pytest.Config) -> None:
     """Run the whole suite, and every process it starts, with a private EDGEBIT_HOME: the backend
-    probe, models and config a test writes must never reach the user's home (nor their config the tests)."""
+    probe, models and config a test writes must never reach the user's home (nor their config the tests).
+
+    The compiled kernels' cache (NUMBA_CACHE_DIR) is one folder for the whole run, so the many
+    processes a test starts with a home of their own (CLI runs, MQTT nodes) compile the kernels once
+    between them, not once each; tests of the cache itself unset it."""
     home = tempfile.mkdtemp(prefix="edgebit-tests-home-")
-    config.stash[_PRIVATE_HOME] = (home, os.environ.get("EDGEBIT_HOME"))
+    saved = {name: os.environ.get(name) for name in ("EDGEBIT_HOME", "NUMBA_CACHE_DIR")}
+    config.stash[_PRIVATE_HOME] = (home, saved)
     os.environ["EDGEBIT_HOME"] = home
+    os.environ["NUMBA_CACHE_DIR"] = os.path.join(home, "numba-cache")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Give the environment back and delete the private home."""
-    home, previous = config.stash[_PRIVATE_HOME]
-    if previous is None:
-        os.environ.pop("EDGEBIT_HOME", None)
-    else:
-        os.environ["EDGEBIT_HOME"] = previous
+    home, saved = config.stash[_PRIVATE_HOME]
+    for name, previous in saved.items():
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
     shutil.rmtree(home, ignore_errors=True)
 
 

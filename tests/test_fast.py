@@ -21,9 +21,14 @@ pytestmark = pytest.mark.skipif(fast.kernels() is None, reason=fast.unavailable_
 WITHOUT_NUMBA = "import sys; sys.modules['numba'] = None; from edgebit.cli import main; main(sys.argv[1:])"
 
 
-def _cli(args: list[str], home: Path, without_numba: bool = False) -> subprocess.CompletedProcess[str]:
+def _cli(args: list[str], home: Path, without_numba: bool = False,
+         own_cache: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run an edgebit command with EDGEBIT_HOME=home; own_cache: the kernels cache in that home too
+    (the suite otherwise shares one through NUMBA_CACHE_DIR, tests/conftest.py)."""
     code = WITHOUT_NUMBA if without_numba else "import sys; from edgebit.cli import main; main(sys.argv[1:])"
     env = {**os.environ, "EDGEBIT_HOME": str(home)}
+    if own_cache:
+        env.pop("NUMBA_CACHE_DIR", None)
     return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -52,12 +57,12 @@ def test_without_numba_everything_falls_back_and_says_why(tiny_model: Path, tmp_
 
 
 def test_doctor_says_whether_the_compiled_code_is_cached(tmp_path: Path) -> None:
-    first = _cli(["doctor", "--json"], tmp_path)
-    second = _cli(["doctor", "--json"], tmp_path)
+    first = _cli(["doctor", "--json"], tmp_path, own_cache=True)
+    second = _cli(["doctor", "--json"], tmp_path, own_cache=True)
     cold, warm = json.loads(first.stdout)["kernels"], json.loads(second.stdout)["kernels"]
     assert cold["available"] and cold["cached"] == 0
     assert warm["cached"] == warm["kernels"] and warm["cache_dir"].startswith(str(tmp_path))
-    text = _cli(["doctor"], tmp_path).stdout
+    text = _cli(["doctor"], tmp_path, own_cache=True).stdout
     assert "cache warm" in text
 
 

@@ -41,11 +41,13 @@ def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     """(decode kernel row by row, prompt kernel on all rows) for int8 activations x (T, K)."""
     rows = _rows(codes)
     x16 = x.astype(np.int16)
+    none = _rows(np.zeros((0, codes.shape[1]), dtype=np.int8))
     one = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
+    unused = np.empty((x.shape[0], 0), dtype=np.float32)
     for t in range(x.shape[0]):
-        nk.i2s_gemv(rows, x16[t], one[t])
+        nk.i2s_gemv(none, rows, none, x16[t], unused[t], one[t], unused[t])
     many = np.empty_like(one)
-    nk.i2s_gemm(rows, x16, many)
+    nk.i2s_gemm(rows, none, none, x.astype(np.float32), many, unused, unused)
     return one, many
 
 
@@ -55,7 +57,7 @@ def problems(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray]:
     int8 activations mixing the extremes -128 / 127 with random values."""
     k = 128 * draw(st.integers(1, 24))
     m = draw(st.integers(1, 70))
-    t = draw(st.integers(1, 6))
+    t = draw(st.integers(1, 11))  # the prompt kernel works in blocks of 4 tokens × 4 rows
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     codes = rng.integers(-1, 2, size=(m, k), dtype=np.int8)
     codes[rng.random(m) < 0.2] = draw(st.sampled_from([-1, 0, 1]))  # some constant rows
@@ -74,6 +76,21 @@ def test_decode_and_prompt_kernels_are_exact(problem: tuple[np.ndarray, np.ndarr
     one, many = _products(codes, x)
     np.testing.assert_array_equal(one, want)
     np.testing.assert_array_equal(many, want)
+
+
+def test_a_group_of_three_weights_equals_each_alone() -> None:
+    """q/k/v-like groups: three weights of different heights (not multiples of the row tiles) in one call."""
+    rng = np.random.default_rng(11)
+    codes = [rng.integers(-1, 2, size=(m, 384), dtype=np.int8) for m in (37, 5, 70)]
+    for tokens in (1, 3):
+        x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
+        outs = [np.empty((tokens, c.shape[0]), dtype=np.float32) for c in codes]
+        if tokens == 1:
+            nk.i2s_gemv(*(_rows(c) for c in codes), x[0].astype(np.int16), *(o[0] for o in outs))
+        else:
+            nk.i2s_gemm(*(_rows(c) for c in codes), x.astype(np.float32), *outs)
+        for c, o in zip(codes, outs, strict=True):
+            np.testing.assert_array_equal(o, _exact(c, x))
 
 
 @pytest.mark.parametrize("k", [128, 2048, 6912])  # int16 lanes are flushed every 16 blocks (2048)

@@ -4,7 +4,8 @@ Resident memory is the memory map itself (n/4 bytes, 0.52 GB for the 2B4T): I2_S
 is a multiple of 128 are passed to the kernels as they lie in the file. Other layouts (TQ1_0,
 TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
 row layout, rows padded with zero weights to whole blocks. One token uses the decode kernel
-(`i2s_gemv`), several the prompt kernel (`i2s_gemm`); both return exact integer products
+(`i2s_gemv`, int16 arithmetic), several the prompt kernel (`i2s_gemm`, float32 arithmetic on
+integers); both return exact integer products
 (numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
 """
 
@@ -64,14 +65,26 @@ class NumbaBackend(Backend):
         return PackedRows(_read_only(np.ascontiguousarray(rows)), k)
 
     def matmul(self, prepared: PackedRows, xq: np.ndarray) -> np.ndarray:
+        return self.matmul_group([prepared], xq)[0]
+
+    def matmul_group(self, prepared: list[PackedRows], xq: np.ndarray) -> list[np.ndarray]:
+        """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group."""
         fast = kernels()
-        tokens = xq.shape[0]
-        x = np.zeros((tokens, prepared.width), dtype=np.int16)
-        x[:, : prepared.k] = xq
-        out = np.empty((tokens, prepared.rows.shape[0]), dtype=np.float32)
         fast.set_threads(self.threads)
-        if tokens == 1:
-            fast.i2s_gemv(prepared.rows, x[0], out[0])
-        elif tokens > 1:
-            fast.i2s_gemm(prepared.rows, x, out)
-        return out
+        tokens, width = xq.shape[0], prepared[0].width
+        x = np.zeros((tokens, width), dtype=np.int16 if tokens == 1 else np.float32)
+        x[:, : prepared[0].k] = xq
+        outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
+        if tokens == 0:
+            return outs
+        none = _read_only(np.empty((0, width // 4), dtype=np.uint8))
+        for first in range(0, len(prepared), 3):
+            rows = [p.rows for p in prepared[first : first + 3]]
+            dest = outs[first : first + 3]
+            rows += [none] * (3 - len(rows))
+            dest += [np.empty((tokens, 0), dtype=np.float32)] * (3 - len(dest))
+            if tokens == 1:
+                fast.i2s_gemv(*rows, x[0], *(d[0] for d in dest))
+            else:
+                fast.i2s_gemm(*rows, x, *dest)
+        return outs

@@ -16,8 +16,9 @@ Exactness. Activations are integers with |x| ≤ 128. The decode kernel multipli
 most 4·2·128 = 1024 in magnitude, so BLOCKS_PER_INT16 = 16 blocks are summed in int16 (≤ 16384)
 before widening to int32; a row sum is bounded by 2·128·K, far below 2**31 and, for K < 65536,
 below 2**24, so the float32 result is the exact integer. The prompt kernel decodes rows to
-w ∈ {-1, 0, 1} in int16 and sums w·x in int32 (the multiply-add pattern LLVM turns into
-`pmaddwd` / `smlal`).
+w ∈ {-1, 0, 1} in float32 and multiplies them with float32 copies of the int8 activations: every
+partial sum is an integer below 2**24, exact in float32 whatever the order, which lets LLVM keep
+16 running sums (4 rows × 4 tokens) in vector registers and use fused multiply-adds.
 
 LM head. f16 embedding rows arrive as their int16 bits and are widened exactly to float32 as they
 are read (`_half_to_float`: LLVM's portable half → float conversion). The float32 dot product may
@@ -114,74 +115,149 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
             _prefetch(flat, start + offset)
 
 
-@numba.njit(parallel=True, **_JIT)
-def i2s_gemv(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out[m] = Σ_k w[m, k]·x[k] for one token; packed (M, K/4) I2_S rows, x int16 (K,)."""
-    m_rows, quarter = packed.shape
+@numba.njit(inline="always")
+def _gemv_rows(packed: np.ndarray, x: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int,
+               wide: np.ndarray, narrow: np.ndarray) -> None:
+    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight (wide/narrow: lane scratch)."""
+    quarter = packed.shape[1]
     n_blocks = quarter // BLOCK_BYTES
     flat = packed.reshape(-1)
+    for m in range(start, stop):
+        row = packed[m]
+        _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
+        wide[:] = 0
+        for first in range(0, n_blocks, BLOCKS_PER_INT16):
+            narrow[:] = 0
+            for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
+                xb = x[b * BLOCK: b * BLOCK + BLOCK]
+                rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
+                for j in range(BLOCK_BYTES):
+                    byte = _i16(rb[j])
+                    narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
+                                      + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
+            for j in range(BLOCK_BYTES):
+                wide[j] += narrow[j]
+        total = 0
+        for j in range(BLOCK_BYTES):
+            total += wide[j]
+        out[m] = total - x_sum
+
+
+@numba.njit(parallel=True, **_JIT)
+def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+             out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
+    """out_i[m] = Σ_k w_i[m, k]·x[k] for one token and up to three weights that share it (q/k/v,
+    gate/up) in one parallel region; w_i (M_i, K/4) I2_S rows, x int16 (K,); an unused slot is a
+    (0, K/4) weight."""
     x_sum = 0
     for k in range(x.shape[0]):
         x_sum += x[k]
-    for chunk in prange((m_rows + DECODE_ROWS - 1) // DECODE_ROWS):
-        wide = np.zeros(BLOCK_BYTES, np.int32)
-        narrow = np.zeros(BLOCK_BYTES, np.int16)
-        for m in range(chunk * DECODE_ROWS, min(m_rows, (chunk + 1) * DECODE_ROWS)):
-            row = packed[m]
-            _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
-            wide[:] = 0
-            for first in range(0, n_blocks, BLOCKS_PER_INT16):
-                narrow[:] = 0
-                for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
-                    xb = x[b * BLOCK: b * BLOCK + BLOCK]
-                    rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
-                    for j in range(BLOCK_BYTES):
-                        byte = _i16(rb[j])
-                        narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
-                                          + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
-                for j in range(BLOCK_BYTES):
-                    wide[j] += narrow[j]
-            total = 0
-            for j in range(BLOCK_BYTES):
-                total += wide[j]
-            out[m] = total - x_sum
+    c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    for chunk in prange(c0 + c1 + c2):
+        wide = np.empty(BLOCK_BYTES, np.int32)
+        narrow = np.empty(BLOCK_BYTES, np.int16)
+        if chunk < c0:
+            start = chunk * DECODE_ROWS
+            _gemv_rows(w0, x, x_sum, out0, start, min(w0.shape[0], start + DECODE_ROWS), wide, narrow)
+        elif chunk < c0 + c1:
+            start = (chunk - c0) * DECODE_ROWS
+            _gemv_rows(w1, x, x_sum, out1, start, min(w1.shape[0], start + DECODE_ROWS), wide, narrow)
+        else:
+            start = (chunk - c0 - c1) * DECODE_ROWS
+            _gemv_rows(w2, x, x_sum, out2, start, min(w2.shape[0], start + DECODE_ROWS), wide, narrow)
 
 
 @numba.njit(inline="always")
 def _decode_row(row: np.ndarray, w: np.ndarray) -> None:
-    """Weights w ∈ {-1, 0, 1} (int16, natural order) of one I2_S row."""
+    """Weights w ∈ {-1, 0, 1} (float32, natural order) of one I2_S row."""
     for b in range(row.shape[0] // BLOCK_BYTES):
         for j in range(BLOCK_BYTES):
-            byte = _i16(row[b * BLOCK_BYTES + j])
-            w[b * BLOCK + j] = ((byte >> 6) & 3) - 1
-            w[b * BLOCK + 32 + j] = ((byte >> 4) & 3) - 1
-            w[b * BLOCK + 64 + j] = ((byte >> 2) & 3) - 1
-            w[b * BLOCK + 96 + j] = (byte & 3) - 1
+            byte = _i32(row[b * BLOCK_BYTES + j])
+            w[b * BLOCK + j] = np.float32(_i32((byte >> 6) & 3) - 1)
+            w[b * BLOCK + 32 + j] = np.float32(_i32((byte >> 4) & 3) - 1)
+            w[b * BLOCK + 64 + j] = np.float32(_i32((byte >> 2) & 3) - 1)
+            w[b * BLOCK + 96 + j] = np.float32(_i32(byte & 3) - 1)
 
 
-@numba.njit(parallel=True, **_JIT)
-def i2s_gemm(packed: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
-    """out[t, m] = Σ_k w[m, k]·x[t, k] for many tokens; x int16 (T, K), out float32 (T, M).
-
-    A tile of PROMPT_ROWS rows is decoded once to int16 and multiplied with every token, so the
-    decoding is paid once per T tokens.
-    """
-    m_rows = packed.shape[0]
+@numba.njit(inline="always")
+def _gemm_tile(packed: np.ndarray, x: np.ndarray, out: np.ndarray, first: int, w: np.ndarray) -> None:
+    """out[:, first:first + PROMPT_ROWS] of one weight: its rows decoded once into w, then all tokens,
+    4 rows × 4 tokens at a time (16 running sums: each loaded weight and activation is used 4 times)."""
+    rows = min(PROMPT_ROWS, packed.shape[0] - first)
+    for r in range(rows):
+        _decode_row(packed[first + r], w[r])
     tokens, k_len = x.shape
-    for tile in prange((m_rows + PROMPT_ROWS - 1) // PROMPT_ROWS):
-        first = tile * PROMPT_ROWS
-        rows = min(PROMPT_ROWS, m_rows - first)
-        w = np.empty((PROMPT_ROWS, k_len), np.int16)
-        for r in range(rows):
-            _decode_row(packed[first + r], w[r])
-        for t in range(tokens):
-            xt = x[t]
-            for r in range(rows):
-                wr = w[r]
-                total = _i32(0)
-                for k in range(k_len):
-                    total = _i32(total + _i32(wr[k]) * _i32(xt[k]))
-                out[t, first + r] = total
+    t = 0
+    while t + 4 <= tokens:
+        x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
+        r = 0
+        while r + 4 <= rows:
+            w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
+            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
+            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
+            for k in range(k_len):
+                a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
+                v = w0[k]
+                s00 += v * a0
+                s01 += v * a1
+                s02 += v * a2
+                s03 += v * a3
+                v = w1[k]
+                s10 += v * a0
+                s11 += v * a1
+                s12 += v * a2
+                s13 += v * a3
+                v = w2[k]
+                s20 += v * a0
+                s21 += v * a1
+                s22 += v * a2
+                s23 += v * a3
+                v = w3[k]
+                s30 += v * a0
+                s31 += v * a1
+                s32 += v * a2
+                s33 += v * a3
+            m = first + r
+            out[t, m], out[t + 1, m], out[t + 2, m], out[t + 3, m] = s00, s01, s02, s03
+            out[t, m + 1], out[t + 1, m + 1], out[t + 2, m + 1], out[t + 3, m + 1] = s10, s11, s12, s13
+            out[t, m + 2], out[t + 1, m + 2], out[t + 2, m + 2], out[t + 3, m + 2] = s20, s21, s22, s23
+            out[t, m + 3], out[t + 1, m + 3], out[t + 2, m + 3], out[t + 3, m + 3] = s30, s31, s32, s33
+            r += 4
+        t += 4
+    for tt in range(tokens):  # what the 4 × 4 blocks left: the last rows of the tile, the last tokens
+        xt = x[tt]
+        for r in range(rows - rows % 4 if tt < t else 0, rows):
+            wr = w[r]
+            total = np.float32(0)
+            for k in range(k_len):
+                total += wr[k] * xt[k]
+            out[tt, first + r] = total
+
+
+@numba.njit(parallel=True, fastmath={"reassoc", "contract"}, **_JIT)
+def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+             out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
+    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for many tokens x (T, K) and up to three weights
+    (out_i float32 (T, M_i)); an unused slot is a (0, K/4) weight.
+
+    A tile of PROMPT_ROWS rows is decoded once to float32 and multiplied with every token. x holds
+    int8 values as float32: every product and partial sum is an integer below 2**24, so float32 is
+    exact in any order, and the reassociation LLVM is allowed here (to vectorize 16 running sums)
+    cannot change a result.
+    """
+    c0 = (w0.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    c1 = (w1.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    c2 = (w2.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
+    for tile in prange(c0 + c1 + c2):
+        w = np.empty((PROMPT_ROWS, x.shape[1]), np.float32)
+        if tile < c0:
+            _gemm_tile(w0, x, out0, tile * PROMPT_ROWS, w)
+        elif tile < c0 + c1:
+            _gemm_tile(w1, x, out1, (tile - c0) * PROMPT_ROWS, w)
+        else:
+            _gemm_tile(w2, x, out2, (tile - c0 - c1) * PROMPT_ROWS, w)
 
 
 @numba.njit(inline="always", fastmath={"reassoc"})
@@ -311,8 +387,8 @@ def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
-    i2s_gemv: (_U8_ROWS, _I16_VEC, _F32_VEC),
-    i2s_gemm: (_U8_ROWS, _I16_MAT, _F32_MAT),
+    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_VEC, _F32_VEC, _F32_VEC, _F32_VEC),
+    i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),

@@ -17,7 +17,9 @@ import numpy as np
 
 from .. import __version__, config, store
 from ..backends import fast, get_backend
+from ..backends.lm_head import LMHead
 from ..backends.machine import detect
+from ..backends.select import choose_backend, embedding_shape, model_shapes
 from ..gguf import GGUFFile
 from . import main
 from .options import model_option, one_model
@@ -61,6 +63,18 @@ def _broker_check(address: str, timeout: float) -> tuple[bool, str]:
         return False, f"{address} is not reachable: {exc.strerror or exc}"
 
 
+def _backend_choice(backend: str | None, threads: int | None, shapes: list[tuple[int, int]] | None = None,
+                    extra_bytes: int = 0) -> tuple[str, str]:
+    """The backend a load would use, and why (a name given by flag, environment or config, or the
+    automatic choice's reason)."""
+    if backend or os.environ.get("EDGEBIT_BACKEND"):
+        name = get_backend(backend, threads).name
+        return name, "as configured" if backend else "from EDGEBIT_BACKEND"
+    choice = choose_backend(shapes or [], threads, extra_bytes)
+    get_backend(choice.backend, threads)  # raises if it cannot run here
+    return choice.backend, choice.reason
+
+
 def _model_check(model: str, backend: str | None, threads: int | None,
                  mem_available: int | None) -> dict[str, Any]:
     """Read the model's header (not its weights) and pick the backend a load would use."""
@@ -70,9 +84,10 @@ def _model_check(model: str, backend: str | None, threads: int | None,
     for t in f.tensors.values():
         types[t.type.name] = types.get(t.type.name, 0) + 1
     arch = f.metadata.get("general.architecture")
-    chosen = get_backend(backend, threads)
+    head = LMHead.resident_bytes("float16", embedding_shape(f))
+    name, reason = _backend_choice(backend, threads, model_shapes(f), head)
     out = {"path": path, "arch": arch, "name": f.metadata.get("general.name"), "file_bytes": f.size,
-           "tensor_types": types, "backend": chosen.name}
+           "tensor_types": types, "backend": name, "backend_reason": reason}
     if mem_available is not None and f.size > mem_available:
         out["warning"] = (f"the file ({_gb(f.size)}) is larger than the available memory "
                           f"({_gb(mem_available)}); loading will swap or fail")
@@ -174,7 +189,7 @@ def doctor(model: str | None, model_opt: str | None, broker: str | None, timeout
             report["problems"].append(f"model: {exc}")
     else:
         try:
-            report["backend"] = get_backend(backend, threads).name
+            report["backend"], report["backend_reason"] = _backend_choice(backend, threads)
         except ValueError as exc:
             report["problems"].append(f"backend: {exc}")
     if broker is not None:
@@ -216,12 +231,12 @@ def _print(report: dict[str, Any], as_json: bool) -> None:
     ]
     lines.append(("kernels", _kernels_line(report["kernels"])))
     if "backend" in report:
-        lines.append(("backend", report["backend"]))
+        lines.append(("backend", f"{report['backend']} ({report['backend_reason']})"))
     model = report.get("model")
     if model and "error" not in model:
         types = ", ".join(f"{k} {v}" for k, v in sorted(model["tensor_types"].items()))
         lines.append(("model", f"{model['path']}: {model['arch']}, {_gb(model['file_bytes'])}, {types}"))
-        lines.append(("backend", f"{model['backend']} (for this model)"))
+        lines.append(("backend", f"{model['backend']} for this model ({model['backend_reason']})"))
         if "warning" in model:
             lines.append(("warning", model["warning"]))
     if "broker" in report:
