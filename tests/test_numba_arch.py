@@ -1,0 +1,96 @@
+"""What numba makes of a plain int8 dot-product loop for the CPU it targets, and that its on-disk cache
+never hands code built for one CPU kind to another (.ci/aarch64.sh runs this for a Pi 4 and a Pi 5)."""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import os
+import platform
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+numba = pytest.importorskip("numba")
+
+AARCH64 = platform.machine() in ("aarch64", "arm64")
+HWCAP_ASIMDDP = 1 << 20  # AT_HWCAP bit of the dot-product instructions (sdot/udot), Linux arm64
+# The CPU kinds CI emulates: Pi 4 (NEON only) and Pi 5 (NEON + dot product).
+DOTPROD = {"cortex-a72": False, "cortex-a76": True}
+
+
+def dot(a: np.ndarray, b: np.ndarray) -> np.int32:
+    """Plain loop, as the kernels are written: no intrinsics, LLVM picks the vector instructions."""
+    s = np.int32(0)
+    for i in range(a.size):
+        s += np.int32(a[i]) * np.int32(b[i])
+    return s
+
+
+def _cpu_has_dotprod() -> bool:
+    libc = ctypes.CDLL(None)
+    libc.getauxval.restype = ctypes.c_ulong
+    return bool(libc.getauxval(16) & HWCAP_ASIMDDP)  # 16: AT_HWCAP
+
+
+@pytest.mark.skipif(not AARCH64, reason="about the code emitted for aarch64")
+def test_plain_loop_is_exact_and_uses_what_the_cpu_has() -> None:
+    dotprod = _cpu_has_dotprod()
+    cpu = numba.config.CPU_NAME
+    if cpu in DOTPROD:  # else the host's own CPU: numba targets what it detects
+        assert DOTPROD[cpu] == dotprod, f"NUMBA_CPU_NAME={cpu} but this CPU {'has' if dotprod else 'lacks'} sdot"
+    dot_ = numba.njit(dot)  # not cached: numba shows no assembly for cached code
+    rng = np.random.default_rng(0)
+    for n in (1, 15, 16, 100, 4096):
+        a = rng.integers(-128, 128, size=n, dtype=np.int8)
+        b = rng.integers(-1, 2, size=n, dtype=np.int8)
+        assert dot_(a, b) == int(a.astype(np.int64) @ b.astype(np.int64))
+    extreme = np.full(4096, -128, dtype=np.int8)
+    assert dot_(extreme, extreme) == 4096 * 128 * 128
+    asm = dot_.inspect_asm(dot_.signatures[0])
+    assert re.search(r"\bv\d+\.16b\b", asm), "the loop was not vectorized over 16 int8 lanes (NEON)"
+    assert ("sdot" in asm) == dotprod, f"sdot {'missing' if dotprod else 'emitted'} for {cpu}"
+
+
+def test_cached_code_is_kept_per_cpu_kind(tmp_path: Path) -> None:
+    """Code cached for another CPU kind is compiled (never run) first; this CPU must then compile its own."""
+    here = numba.config.CPU_NAME or "host"
+    if AARCH64:
+        other = "cortex-a72" if here == "cortex-a76" else "cortex-a76"
+    else:
+        other = "x86-64" if here != "x86-64" else "x86-64-v3"
+    (tmp_path / "dotmod.py").write_text("import numpy as np\nfrom numba import njit\n\n@njit(cache=True)\n"
+                                        + inspect.getsource(dot))
+    script = textwrap.dedent("""
+        import sys, numpy as np, dotmod
+        if sys.argv[1] == "compile":
+            dotmod.dot.compile("int32(int8[::1], int8[::1])")
+        else:
+            a = np.arange(-128, 128, dtype=np.int8)
+            print(dotmod.dot(a, a), sum(dotmod.dot.stats.cache_hits.values()))
+    """)
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(
+        [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]))
+
+    def run(cpu: str | None, what: str) -> str:
+        e = dict(env)
+        if cpu is None:
+            e.pop("NUMBA_CPU_NAME", None)
+        else:
+            e["NUMBA_CPU_NAME"] = cpu
+        done = subprocess.run([sys.executable, "-c", script, what], env=e, capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    mine = numba.config.CPU_NAME or None
+    run(other, "compile")
+    want = str(sum(x * x for x in range(-128, 128)))
+    assert run(mine, "run") == [want, "0"]  # a miss: the other kind's entry was not used
+    assert run(mine, "run") == [want, "1"]  # its own entry now, from the cache
+    assert len(list((tmp_path / "cache").rglob("*.nbc"))) == 2
