@@ -122,23 +122,32 @@ def test_head_widens_f16_exactly() -> None:
 
 
 @pytest.mark.parametrize("dim", [64, 100, 2560])
-def test_head_f16_and_f32_agree_with_float64(dim: int) -> None:
+def test_head_kernels_are_accurate_and_independent_of_batch_and_threads(dim: int) -> None:
+    """Both head kernels agree with float64; a row's logits are the same bits alone or in a batch and
+    on 1 or 2 threads (the LM head's float16 and float32 modes both read the file's own embedding
+    through one kernel, so they agree too; the two kernels' summation orders may differ by CPU:
+    aarch64 vectorizes them differently)."""
     rng = np.random.default_rng(dim)
     embedding = (rng.standard_normal((300, dim)) * 0.05).astype(np.float16)
     embedding.flags.writeable = False
+    widened = embedding.astype(np.float32)
+    widened.flags.writeable = False
     x = rng.standard_normal((3, dim)).astype(np.float32)
     want = x.astype(np.float64) @ embedding.astype(np.float64).T
     tol = 1e-5 * np.abs(want).max()
-    for threads in (1, 2):
-        nk.set_threads(threads)
-        half = np.empty((3, 300), dtype=np.float32)
-        nk.head_f16(embedding.view(np.int16), x, half)
-        single = np.empty_like(half)
-        widened = embedding.astype(np.float32)
-        widened.flags.writeable = False
-        nk.head_f32(widened, x, single)
-        np.testing.assert_allclose(half, want, rtol=0, atol=tol)
-        np.testing.assert_array_equal(half, single)  # same products, same summation
+    for kernel, weight in ((nk.head_f16, embedding.view(np.int16)), (nk.head_f32, widened)):
+        results = []
+        for threads in (1, 2):
+            nk.set_threads(threads)
+            batch = np.empty((3, 300), dtype=np.float32)
+            kernel(weight, x, batch)
+            np.testing.assert_allclose(batch, want, rtol=0, atol=tol)
+            for t in range(3):
+                alone = np.empty((1, 300), dtype=np.float32)
+                kernel(weight, x[t : t + 1].copy(), alone)
+                np.testing.assert_array_equal(alone[0], batch[t])
+            results.append(batch)
+        np.testing.assert_array_equal(results[0], results[1])
 
 
 def test_compiled_code_is_cached_under_edgebit_home(tmp_path: Path) -> None:
