@@ -94,7 +94,7 @@ MODELS: tuple[RegistryModel, ...] = (
 
 
 # Models shipped inside the package (no download): name → file under edgebit/models/. Rebuild with
-# `python -m edgebit.train -o edgebit/models/edgebit-sensors.gguf` (see edgebit/train.py).
+# `edgebit train --sensors -o edgebit/models/edgebit-sensors.gguf` (see edgebit/train.py).
 BUNDLED = {"edgebit-sensors": "edgebit-sensors.gguf"}
 
 

@@ -12,9 +12,9 @@ the f16 embedding is the only rounding, so edgebit's logits match the torch mode
 (tests/test_train.py checks it). Training needs torch (`pip install edgebit[train]`); inference
 never imports this module.
 
-The bundled model is reproduced with `python -m edgebit.train --sensors -o edgebit-sensors.gguf`
-(equivalently `edgebit train --sensors -o ...`); `edgebit train DATA.jsonl --labels a,b` trains on
-your own `{"text": ..., "label": ...}` lines.
+The bundled model is reproduced with `edgebit train --sensors -o edgebit/models/edgebit-sensors.gguf`
+(fixed seed); `edgebit train DATA.jsonl --labels a,b -o my.gguf` trains on your own
+`{"text": ..., "label": ...}` lines.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TrainConfig:
     warmup: int = 100
     weight_decay: float = 0.01
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # one thread: bit-reproducible, and on a shared 2-core box faster than two (no spin-waits)
     eval_every: int = 250
 
 
