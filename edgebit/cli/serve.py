@@ -9,6 +9,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import click
 
@@ -80,22 +81,30 @@ FILE = click.Path(dir_okay=False)
               help="Skip TLS host-name verification, for test brokers [env EDGEBIT_MQTT_INSECURE].")
 @click.option("--node-id", help="Node id in topics, default the host name [env EDGEBIT_NODE_ID].")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
+@click.option("--broker", "broker_mode", type=click.Choice(["external", "embedded"]), default="external",
+              show_default=True,
+              help="embedded: run an MQTT broker (amqtt, MQTT 3.1.1) inside this process on the configured "
+                   "host and port, for a single-box site; needs `pip install 'edgebit[broker]'`.")
 @backend_option
 @threads_option
 @kv_option
 def serve(model: str | None, model_opt: str | None, config_path: str, host: str | None, port: int | None,
           username: str | None, password_file: str | None, client_id: str | None, ca: str | None,
           cert: str | None, key: str | None, insecure: bool | None, node_id: str | None, check: bool,
-          backend: str | None, threads: int | None, kv_dtype: str) -> None:
+          broker_mode: str, backend: str | None, threads: int | None, kv_dtype: str) -> None:
     """Serve MODEL over MQTT with the tasks of a configuration file.
 
     Settings precedence: flag > EDGEBIT_* environment > --config file > config.toml > default.
     Stops cleanly on SIGTERM (publishes `offline`, finishes the batch in progress, leaves queued
     requests to the broker for redelivery).
 
+    With `--broker embedded` the node brings its own broker (amqtt) listening on the configured
+    host and port (default localhost:1883): sensors and clients connect there with MQTT 3.1.1.
+
     \b
-    Example:
+    Examples:
       edgebit serve ggml-model-i2_s.gguf --config /etc/edgebit/edgebit.toml --host mqtt.local
+      edgebit serve edgebit-sensors --config site.toml --broker embedded
     """
     flags = {"broker.host": host, "broker.port": port, "broker.username": username,
              "broker.password_file": password_file, "broker.client_id": client_id, "broker.tls.ca": ca,
@@ -109,12 +118,25 @@ def serve(model: str | None, model_opt: str | None, config_path: str, host: str 
     except (ConfigError, config.ConfigError) as exc:
         raise click.BadParameter(str(exc), param_hint="--config") from None
     path = resolve_model(one_model(model, model_opt))
+    if broker_mode == "embedded":  # amqtt speaks MQTT 3.1.1 only, which has no shared subscriptions
+        cfg = replace(cfg, broker=replace(cfg.broker, protocol="3.1.1"), node=replace(cfg.node, shared=False))
     if check:
         click.echo(f"model   {path}\n{_summary(cfg)}")
         return
     if log.getEffectiveLevel() > logging.INFO:  # a service reports its life cycle unless told otherwise
         log.setLevel(logging.INFO)
+    embedded = None
+    if broker_mode == "embedded":
+        from ..broker import BrokerError, EmbeddedBroker
+
+        try:
+            embedded = EmbeddedBroker(cfg.broker.host, cfg.broker.port).start()
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
     service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
                       __version__, threads=threads)
     _stop_on_signals(service.stop)
-    sys.exit(service.run())
+    code = service.run()
+    if embedded is not None:
+        embedded.stop()
+    sys.exit(code)
