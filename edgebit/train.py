@@ -243,6 +243,40 @@ class MicroBitNet(nn.Module):
         return self.hidden(ids) @ self.token_embd.T
 
 
+def number_features(text: str, dims: int) -> np.ndarray | None:
+    """A starting embedding for a digit-group token ("7", "28", "145", "05"): `dims` soft thermometer
+    codes, half of its value as an integer (thresholds spaced geometrically from 0.5 to 1000), half
+    of its value as decimals after a point (0.05 for "05"). None for other tokens.
+
+    Sensor labels hinge on comparing numbers with thresholds; a tiny model trained from random number
+    embeddings must learn each of ~1000 tokens' magnitudes from examples. Starting from codes in which
+    "value above t" is (nearly) linear, it only has to learn where the thresholds are."""
+    if not (1 <= len(text) <= 3 and text.isascii() and text.isdigit()):
+        return None
+    value, half = int(text), dims // 2
+    fraction = value / 10 ** len(text)
+    steps = np.geomspace(0.5, 1000.0, half)
+    integer_code = np.tanh((value - steps) / (0.15 * steps))
+    cuts = np.linspace(0.0, 1.0, dims - half + 2)[1:-1]
+    fraction_code = np.tanh((fraction - cuts) / 0.04)
+    return np.concatenate([integer_code, fraction_code]).astype(np.float32)
+
+
+def init_number_embeddings(model: MicroBitNet, tok: Tokenizer, dims: int = 64, scale: float = 0.05) -> int:
+    """Put `number_features` into the first `dims` embedding columns of every digit-group token;
+    returns how many tokens got them (the rest of each row stays random, and all of it is trained)."""
+    count = 0
+    with torch.no_grad():
+        for i in range(tok.vocab_size):
+            if tok.is_special(i):
+                continue
+            feats = number_features(tok.token_bytes(i).decode("latin-1"), dims)
+            if feats is not None:
+                model.token_embd[i, :dims] = torch.from_numpy(feats) * scale
+                count += 1
+    return count
+
+
 # --- loop
 
 
@@ -304,6 +338,7 @@ def train(c: TrainConfig, rows: Sequence[tuple[str, str]], held_out: Sequence[tu
         raise ValueError("no training example fits in the context")
     log(f"{len(data.ids)} training sequences (of {len(rows)}), {len(held_out)} held out, vocabulary {c.n_vocab}")
     model = MicroBitNet(c)
+    init_number_embeddings(model, tok, dims=min(64, c.n_embd // 2))
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and n != "token_embd"]
     rest = [p for n, p in model.named_parameters() if not (p.dim() == 2 and n != "token_embd")]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay}, {"params": rest, "weight_decay": 0}],
