@@ -32,7 +32,7 @@ def _require_torch() -> Any:
 
 def _read_rows(path: str, text_only: bool = False) -> list[tuple[str, str]]:
     """(text, label) per JSON line {"text": ..., "label": ...}; with `text_only` the label may be absent
-    and a plain-text line is a message."""
+    and any other line (plain text, or a raw JSON payload without "text") is itself a message."""
     rows = []
     with click.open_file(path, encoding="utf-8") as fh:
         for number, line in enumerate(fh, 1):
@@ -41,10 +41,12 @@ def _read_rows(path: str, text_only: bool = False) -> list[tuple[str, str]]:
             try:
                 item = json.loads(line)
             except ValueError:
-                if text_only:
-                    rows.append((line.rstrip("\n"), ""))
-                    continue
-                raise click.ClickException(f"{path}:{number}: not JSON") from None
+                item = None
+                if not text_only:
+                    raise click.ClickException(f"{path}:{number}: not JSON") from None
+            if text_only and not (isinstance(item, dict) and isinstance(item.get("text"), str)):
+                rows.append((line.rstrip("\n"), ""))
+                continue
             if not isinstance(item, dict) or not isinstance(item.get("text"), str) or \
                     (not text_only and not isinstance(item.get("label"), str)):
                 want = '{"text": ...}' if text_only else '{"text": ..., "label": ...}'
