@@ -90,7 +90,9 @@ class Demo:
         with EmbeddedBroker() as broker:
             settings = node_settings()
             cfg = parse_config({"broker": {**settings["broker"], "host": broker.host, "port": broker.port},
-                                "node": {**settings["node"], "id": NODE},
+                                # a queue for the whole burst, scored in batches of up to 64 (micro-batching)
+                                "node": {**settings["node"], "id": NODE, "queue_size": min(max(self.count, 64), 100000),
+                                         "max_batch": 64},
                                 "tasks": {TASK: {"kind": "classify", "labels": self.labels}}}, "<demo>")
             from . import load
 
