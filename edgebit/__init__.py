@@ -17,7 +17,7 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
          kv_dtype: str = "float32", numerics: str = "reference", activation: str | None = None,
          progress: Callable[[int, int], None] | None = None, lm_head: str | None = None,
          compile_progress: Callable[[int, int], None] | None = None):
-    """Open a BitNet GGUF file and prepare it for inference.
+    """Open a BitNet GGUF file (or a bundled model by name, e.g. "edgebit-sensors") for inference.
 
     backend: a ternary kernel name (see `edgebit backends`); None picks one for this machine.
     threads: CPU threads for the kernels (None: all cores).
@@ -31,7 +31,10 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
         compiled for this CPU (first run, seconds) or loaded from the on-disk cache.
     """
     from .engine import Model
+    from .registry import bundled
 
+    if not os.path.exists(path):
+        path = bundled(os.fspath(path)) or path
     return Model(path, backend=backend, threads=threads, kv_dtype=kv_dtype, numerics=numerics,
                  activation=activation, progress=progress, lm_head=lm_head, compile_progress=compile_progress)
 

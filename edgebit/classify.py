@@ -34,6 +34,9 @@ DEFAULT_CHAT_TEMPLATE = (
     "Answer with the label only.<|eot_id|>User: {text}<|eot_id|>Assistant: "
 )
 DEFAULT_PLAIN_TEMPLATE = "Labels: {labels}\nMessage: {text}\nLabel:"
+# GGUF keys of a classifier trained by `edgebit train`: its prompt template and its labels.
+TEMPLATE_KEY = "edgebit.classify.template"
+LABELS_KEY = "edgebit.classify.labels"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from .backends.fast import kernels
 from .backends.lm_head import LMHead
 from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
-from .classify import LabelScorer, default_template
+from .classify import LABELS_KEY, TEMPLATE_KEY, LabelScorer, default_template
 from .gguf import GGUFFile
 from .sampling import Constraint, Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -116,6 +116,10 @@ class Model:
         # ggml numerics round a lone row differently from a prompt batch: a prompt whose last token alone
         # is left to evaluate would not give bitnet.cpp's numbers, so that parity mode does not reuse prompts
         self.prompt_cache = PromptCache(PROMPT_CACHE_BYTES if numerics == "reference" else 0)
+        # A classifier trained by `edgebit train` carries the prompt and labels it was trained with.
+        meta = self.gguf.metadata
+        self.classify_template: str | None = meta.get(TEMPLATE_KEY)
+        self.classify_labels: list[str] = list(meta.get(LABELS_KEY, ()))
 
     # --- description
 
@@ -291,20 +295,26 @@ class Model:
 
     # --- scoring
 
-    def classify(self, text: str, labels: Sequence[str], prompt: str | None = None) -> dict[str, Any]:
+    def classify(self, text: str, labels: Sequence[str] | None = None, prompt: str | None = None) -> dict[str, Any]:
         """`{"label", "scores"}`: each label's probability after the prompt, normalised over the labels.
 
         `prompt` is a template containing `{text}` (and optionally `{labels}`); its part before `{text}`
         is prefilled once and reused from a cache for every later message with the same prefix.
+        Without `prompt` (or `labels`), a trained classifier's own template (and labels) from its
+        metadata are used, else a generic instruction.
         """
         return self.classify_batch([text], labels, prompt)[0]
 
-    def classify_batch(self, texts: Sequence[str], labels: Sequence[str], prompt: str | None = None,
+    def classify_batch(self, texts: Sequence[str], labels: Sequence[str] | None = None, prompt: str | None = None,
                        use_prefix_cache: bool = True) -> list[dict[str, Any]]:
         """`classify` for several texts in one forward pass (same labels and prompt)."""
         if not texts:
             return []
-        template = prompt if prompt is not None else default_template(self.tokenizer)
+        if labels is None:
+            if not self.classify_labels:
+                raise ValueError(f"{self.path} stores no classification labels; pass labels")
+            labels = self.classify_labels
+        template = prompt if prompt is not None else (self.classify_template or default_template(self.tokenizer))
         return self.scorer.score(list(texts), labels, template, use_cache=use_prefix_cache, n_ctx=self.config.n_ctx)
 
     def perplexity(self, text: str, ctx: int = 512, batch: int = DEFAULT_BATCH) -> float:

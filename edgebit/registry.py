@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 HF_ENDPOINT = "https://huggingface.co"
 
@@ -90,6 +91,20 @@ MODELS: tuple[RegistryModel, ...] = (
              "which edgebit runs but bitnet.cpp's kernels do not",
     ),
 )
+
+
+# Models shipped inside the package (no download): name → file under edgebit/models/. Rebuild with
+# `edgebit train --sensors -o edgebit/models/edgebit-sensors.gguf` (see edgebit/train.py).
+BUNDLED = {"edgebit-sensors": "edgebit-sensors.gguf"}
+
+
+def bundled(name: str) -> str | None:
+    """The path of the bundled model called `name` (case-insensitive), or None."""
+    filename = BUNDLED.get(name.lower())
+    if filename is None:
+        return None
+    path = Path(__file__).resolve().parent / "models" / filename
+    return str(path) if path.is_file() else None
 
 
 def lookup(name: str) -> RegistryModel | None:

@@ -6,8 +6,9 @@ against a published one. A download goes to `<name>.gguf.part` first and resumes
 an HTTP Range request; only a complete file whose digest matches (when one is known) is renamed
 into place, so a `.part` file is never used as a model. After a pull everything works offline.
 
-A model argument resolves, in order, as: an existing file path; a registry name or alias (see
-`edgebit.registry`); a file name in the store, with or without `.gguf`.
+A model argument resolves, in order, as: an existing file path; a model bundled with the package
+(`edgebit-sensors`); a registry name or alias (see `edgebit.registry`); a file name in the store,
+with or without `.gguf`.
 
 A file in the store is checked before use against the size and SHA-256 the registry publishes
 for its name (or the digest it was verified against when pulled), however it got there: pulled,
@@ -137,6 +138,9 @@ def resolve(model: str | os.PathLike[str]) -> str:
         if Path(arg).resolve().parent == models_dir().resolve():
             verify(Path(arg))
         return arg
+    shipped = registry.bundled(arg)
+    if shipped is not None:
+        return shipped
     stored = find(arg)
     if stored is not None:
         verify(Path(stored.path))

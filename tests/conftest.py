@@ -51,3 +51,17 @@ def testdata() -> Path:
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer `bitnet-b1.58` I2_S model with a byte-level tokenizer (512 tokens)."""
     return Path(write_random_model(tmp_path_factory.mktemp("models") / "tiny.gguf", "tiny", seed=7))
+
+
+@pytest.fixture(scope="session")
+def micro_classifier(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A barely trained micro sensor classifier (edgebit/train.py): a real GGUF with the trained
+    vocabulary and the template and labels in its metadata; its answers are not meant to be right."""
+    pytest.importorskip("torch")
+    from edgebit import train
+    from edgebit.sensors_data import LABELS, TEMPLATE
+
+    config = train.TrainConfig(n_vocab=384, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=160,
+                               steps=5, batch=8, eval_every=0)
+    model, meta, _ = train.train(config, train.sensors_rows(200, "train", 0), [], LABELS, TEMPLATE, log=lambda _: None)
+    return Path(train.export(model, meta, tmp_path_factory.mktemp("micro") / "micro.gguf", LABELS, TEMPLATE))

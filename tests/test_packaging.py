@@ -44,5 +44,7 @@ def test_wheel_builds_from_a_read_only_copy_without_writing_into_it(tmp_path: Pa
         entry_points = next(zf.read(n).decode() for n in names if n.endswith("entry_points.txt"))
         metadata = next(zf.read(n).decode() for n in names if n.endswith("METADATA"))
     assert {"edgebit/cli/__init__.py", "edgebit/mqtt/service.py", "edgebit/backends/__init__.py"} <= names
+    # the bundled micro model is package data: `edgebit demo` works right after `pip install`
+    assert "edgebit/models/edgebit-sensors.gguf" in names
     assert "edgebit=edgebit.cli:main" in entry_points.replace(" ", "") and "[edgebit.backends]" in entry_points
     assert "License-Expression: MIT" in metadata

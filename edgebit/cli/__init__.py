@@ -29,4 +29,4 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
-from . import bench, chat, classify, convert, doctor, models, run, serve  # noqa: E402,F401  (registers commands)
+from . import bench, chat, classify, convert, demo, doctor, models, run, serve, train  # noqa: E402,F401  (registers commands)

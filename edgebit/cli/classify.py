@@ -13,8 +13,11 @@ from .options import model_option, open_model
 from .run import backend_option, threads_option
 
 
-def _labels(label: tuple[str, ...], labels: str | None) -> list[str]:
+def _labels(label: tuple[str, ...], labels: str | None) -> list[str] | None:
+    """The labels given, or None for the model's own (a classifier trained by `edgebit train`)."""
     out = list(label) + [s.strip() for s in (labels or "").split(",") if s.strip()]
+    if not out:
+        return None
     if len(out) < 2:
         raise click.UsageError("give at least two labels with --label (repeatable) or --labels a,b,c")
     if len(set(out)) != len(out):
@@ -43,7 +46,8 @@ def _jsonl_items(stream: Any) -> Any:
 @click.argument("texts", nargs=-1, metavar="[TEXT]...")
 @model_option
 @click.option("-l", "--label", multiple=True, help="A label (repeatable).")
-@click.option("--labels", default=None, help="Comma-separated labels, e.g. normal,warning,critical.")
+@click.option("--labels", default=None,
+              help="Comma-separated labels, e.g. normal,warning,critical [default: the model's own, if it has them].")
 @click.option("--prompt", default=None,
               help="Template with {text} (and optionally {labels}); default: the model's classification prompt.")
 @click.option("--json", "as_json", is_flag=True, help="JSON lines out for TEXT arguments too.")
@@ -64,11 +68,15 @@ def classify(texts: tuple[str, ...], model_opt: str | None, label: tuple[str, ..
       edgebit classify -m 2b4t --labels positive,negative "I love it" "Broken on arrival"
       edgebit classify -m 2b4t -l normal -l warning -l critical --json "Boiler at 95 C"
       cat events.jsonl | edgebit classify -m 2b4t --labels ok,fault > labelled.jsonl
+      edgebit classify -m edgebit-sensors "boiler 97C, pressure 2.1 bar"   # its own labels and prompt
     """
     names = _labels(label, labels)
     if prompt is not None and "{text}" not in prompt:
         raise click.UsageError("--prompt must contain {text}")
     m = open_model(model_opt, backend, threads)
+    if names is None and not m.classify_labels:
+        raise click.UsageError("give at least two labels with --label (repeatable) or --labels a,b,c "
+                               "(this model stores none)")
     if texts:
         for text in texts:
             result = _classify(m, text, names, prompt)
@@ -93,7 +101,7 @@ def classify(texts: tuple[str, ...], model_opt: str | None, label: tuple[str, ..
         sys.exit(1)
 
 
-def _classify(m: Any, text: str, labels: list[str], prompt: str | None) -> dict[str, Any]:
+def _classify(m: Any, text: str, labels: list[str] | None, prompt: str | None) -> dict[str, Any]:
     try:
         result = m.classify(text, labels, prompt=prompt)
     except ValueError as exc:

@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 
 import click
 
@@ -93,6 +94,10 @@ FILE = click.Path(dir_okay=False)
               help="Skip TLS host-name verification, for test brokers [env EDGEBIT_MQTT_INSECURE].")
 @click.option("--node-id", help="Node id in topics, default the host name [env EDGEBIT_NODE_ID].")
 @click.option("--check", is_flag=True, help="Validate the configuration, print a summary and exit.")
+@click.option("--broker", "broker_mode", type=click.Choice(["external", "embedded"]), default="external",
+              show_default=True,
+              help="embedded: run an MQTT broker (amqtt, MQTT 3.1.1) inside this process on the configured "
+                   "host and port, for a single-box site; needs `pip install 'edgebit[broker]'`.")
 @backend_option
 @threads_option
 @kv_option
@@ -100,18 +105,22 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
           api_key_file: str | None, parallel: int, max_queue: int, max_body: int, host: str | None, port: int | None,
           username: str | None, password_file: str | None, client_id: str | None, ca: str | None,
           cert: str | None, key: str | None, insecure: bool | None, node_id: str | None, check: bool,
-          backend: str | None, threads: int | None, kv_dtype: str) -> None:
+          broker_mode: str, backend: str | None, threads: int | None, kv_dtype: str) -> None:
     """Serve MODEL over MQTT with the tasks of a configuration file, and/or over HTTP (--http).
 
     Settings precedence: flag > EDGEBIT_* environment > --config file > config.toml > default.
     Stops cleanly on SIGTERM (publishes `offline`, finishes the batch in progress, leaves queued
     requests to the broker for redelivery). With both faces, one engine and one scheduler serve both.
 
+    With `--broker embedded` the node brings its own broker (amqtt) listening on the configured
+    host and port (default localhost:1883): sensors and clients connect there with MQTT 3.1.1.
+
     \b
     Examples:
       edgebit serve ggml-model-i2_s.gguf --config /etc/edgebit/edgebit.toml --host mqtt.local
       edgebit serve ggml-model-i2_s.gguf --http 127.0.0.1:8080
       EDGEBIT_API_KEYS=secret edgebit serve bitnet-b1.58-2b-4t --http 0.0.0.0:8080 --config node.toml
+      edgebit serve edgebit-sensors --config site.toml --broker embedded
     """
     flags = {"broker.host": host, "broker.port": port, "broker.username": username,
              "broker.password_file": password_file, "broker.client_id": client_id, "broker.tls.ca": ca,
@@ -131,6 +140,10 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
         raise click.UsageError("give --config FILE (the MQTT node), --http [HOST:PORT], or both")
     path = resolve_model(one_model(model, model_opt))
     http = _http_settings(http_listen, api_key_file) if http_listen is not None else None
+    if broker_mode == "embedded":  # amqtt speaks MQTT 3.1.1 only, which has no shared subscriptions
+        if cfg is None:
+            raise click.UsageError("--broker embedded runs a broker for the MQTT node: give --config FILE too")
+        cfg = replace(cfg, broker=replace(cfg.broker, protocol="3.1.1"), node=replace(cfg.node, shared=False))
     if check:
         lines = [f"model   {path}"] + ([_summary(cfg)] if cfg else [])
         if http:
@@ -139,13 +152,27 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
         return
     if log.getEffectiveLevel() > logging.INFO:  # a service reports its life cycle unless told otherwise
         log.setLevel(logging.INFO)
-    if http is None:
-        service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
-                          __version__, threads=threads)
-        _stop_on_signals(service.stop)
-        sys.exit(service.run())
-    sys.exit(_serve_both(path, cfg, http, parallel, max_queue, max_body,
-                         lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype), threads))
+    embedded = None
+    if broker_mode == "embedded":
+        from ..broker import BrokerError, EmbeddedBroker
+
+        try:
+            embedded = EmbeddedBroker(cfg.broker.host, cfg.broker.port).start()
+        except BrokerError as exc:
+            raise click.ClickException(str(exc)) from None
+    try:
+        if http is None:
+            service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
+                              __version__, threads=threads)
+            _stop_on_signals(service.stop)
+            code = service.run()
+        else:
+            code = _serve_both(path, cfg, http, parallel, max_queue, max_body,
+                               lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype), threads)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    sys.exit(code)
 
 
 def _http_settings(listen: str, api_key_file: str | None) -> tuple[str, int, list[str]]:
