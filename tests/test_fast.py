@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +73,27 @@ def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> No
     np.testing.assert_array_equal(half.logits(ids), single.logits(ids))
 
 
+SHARED_MODEL = """
+import sys
+from concurrent.futures import ThreadPoolExecutor
+import numpy as np
+import edgebit
+model = edgebit.load(sys.argv[1], backend="numba", threads=2)
+prompts = [[1, 2, 3, 4], [5], [6, 7, 8, 9, 10, 11, 12, 13], [14]]
+want = [model.logits(p) for p in prompts]
+with ThreadPoolExecutor(4) as pool:
+    for _ in range(5):
+        for got, expected in zip(pool.map(model.logits, prompts), want, strict=True):
+            assert np.array_equal(got, expected)
+print("ok")
+"""
+
+
 def test_threads_may_share_a_model(tiny_model: Path) -> None:
-    """numba's workqueue pool aborts the process if two threads enter it at once; the kernels are
-    launched under a lock, so concurrent callers (an MQTT and an HTTP face) just take turns."""
-    model = edgebit.load(tiny_model, backend="numba", threads=2)
-    prompts = [[1, 2, 3, 4], [5], [6, 7, 8, 9, 10, 11, 12, 13], [14]]
-    want = [model.logits(p) for p in prompts]
-    with ThreadPoolExecutor(4) as pool:
-        for _ in range(5):
-            got = list(pool.map(model.logits, prompts))
-            for g, w in zip(got, want, strict=True):
-                np.testing.assert_array_equal(g, w)
+    """numba's workqueue pool (NUMBA_THREADING_LAYER=workqueue) aborts the process if two threads
+    enter it at once; the kernels are launched under a lock, so concurrent callers (an MQTT and an
+    HTTP face) just take turns, whatever the threading layer."""
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    run = subprocess.run([sys.executable, "-c", SHARED_MODEL, str(tiny_model)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]

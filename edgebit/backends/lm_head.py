@@ -76,8 +76,10 @@ class LMHead:
         self.workers = Workers(threads)
         self._scratch: dict[int, np.ndarray] = {}
         self.row_scale: np.ndarray | None = None
-        # What the compiled kernel reads in both exact modes: the embedding as it is in the file.
+        # What the compiled kernel reads in both exact modes: the embedding's values as in the file.
         self.exact_source = embedding.view(np.int16) if embedding.dtype == np.float16 else embedding
+        if kernels() is not None and mode != "int8" and embedding.dtype == np.float16:
+            self.exact_source = self._anonymous_copy(self.exact_source)
         if mode == "float16":
             self.weight = embedding.view(np.int16)
         elif mode == "float32":
@@ -121,6 +123,20 @@ class LMHead:
             release_file_pages(embedding[start:stop])
 
         self._tiles(convert, rows=max((1 << 22) // self.shape[1], 1))
+        return out
+
+    @staticmethod
+    def _anonymous_copy(bits: np.ndarray) -> np.ndarray:
+        """The f16 embedding (as int16 bits) copied out of the file mapping, giving back the file pages
+        as it goes (resident memory stays one copy). numpy backs large arrays with huge pages, and
+        the head reads all 657 MB of the 2B4T's embedding per token: through the mapping's 4 KB pages
+        the compiled head took 42 ms a token on two cores here, from the copy 29 ms."""
+        out = np.empty(bits.shape, dtype=np.int16)
+        step = max((1 << 24) // max(bits.shape[1], 1), 1)
+        for start in range(0, bits.shape[0], step):
+            out[start : start + step] = bits[start : start + step]
+            release_file_pages(bits[start : start + step])
+        out.flags.writeable = False
         return out
 
     def _quantize(self, embedding: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -47,13 +47,13 @@ from .select import cache_dir
 if not os.environ.get("NUMBA_CACHE_DIR"):
     # numba's default is __pycache__ beside this file, which may be read-only (site-packages).
     numba.config.CACHE_DIR = str(cache_dir() / "numba")
-if not os.environ.get("NUMBA_THREADING_LAYER"):
-    # numba's own thread pool, not OpenMP: a generated token starts ~120 parallel loops, and with
-    # another process busy on the machine GNU OpenMP's wake-ups took 0.1-16 ms each here (tokens
-    # 10x slower), the workqueue's 30-60 µs. The workqueue must not be entered from two threads at
-    # once: callers hold LAUNCH.
-    numba.config.THREADING_LAYER = "workqueue"
-
+# A generated token starts ~120 parallel loops. numba's default threading layer (GNU OpenMP here)
+# starts them in microseconds: 9.5-10 tokens/s on the 2B4T shape against 7.3-7.5 with numba's
+# workqueue pool, measured back to back on the idle 2-core VM, and about the same beside niced busy
+# loops. But when several processes spin-wait for cores (two edgebit processes, a torch training
+# run) OpenMP's wake-ups took 0.1-16 ms each here; NUMBA_THREADING_LAYER=workqueue is then the
+# robust choice (README, Performance). The workqueue must not be entered from two threads at once,
+# so callers hold LAUNCH whichever layer runs.
 LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 
 BLOCK = 128  # weights per I2_S block
@@ -289,11 +289,9 @@ def _dot_f32(e: np.ndarray, x: np.ndarray) -> np.float32:
 @numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
 def head_f16(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[t, v] = Σ_d E[v, d]·x[t, d] for an f16 embedding given as int16 bits (V, D); x float32 (T, D)."""
-    vocab, dim = embedding.shape
-    flat = embedding.reshape(-1)
+    vocab = embedding.shape[0]
     for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
         for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
-            _prefetch_row(flat, v + PREFETCH_ROWS, dim * 2)
             for t in range(x.shape[0]):
                 out[t, v] = _dot_f16(embedding[v], x[t])
 
@@ -301,11 +299,9 @@ def head_f16(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
 def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[t, v] = Σ_d E[v, d]·x[t, d] for a float32 embedding (V, D)."""
-    vocab, dim = embedding.shape
-    flat = embedding.reshape(-1)
+    vocab = embedding.shape[0]
     for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
         for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
-            _prefetch_row(flat, v + PREFETCH_ROWS, dim * 4)
             for t in range(x.shape[0]):
                 out[t, v] = _dot_f32(embedding[v], x[t])
 
