@@ -189,7 +189,8 @@ def choose_backend(shapes: list[tuple[int, int]], threads: int | None = None, ex
         best = min(fitting, key=lambda n: STATIC_ORDER.index(n) if n in STATIC_ORDER else len(STATIC_ORDER))
         how = "first in the static order"
     room = "" if budget is None else f" of those fitting in {_gb(budget)}"
-    return Choice(best, f"{how}{room}; needs {_gb(need[best])}")
+    needs = f"; needs {_gb(need[best])}" if shapes else ""  # without a model there is nothing to size
+    return Choice(best, f"{how}{room}{needs}")
 
 
 def choose_lm_head(backend: type[Backend], shapes: list[tuple[int, int]], embedding_shape: tuple[int, int],

@@ -127,8 +127,5 @@ def backends(model: str | None, model_opt: str | None, shape: str | None, thread
         click.echo(f"{mark} {row['name']:<10} {state}{size}\n    {row['description']}")
     if shapes:
         click.echo(f"  (plus the LM head, {benchmark.format_bytes(extra)} as float16)")
-    if shapes:
-        click.echo(f"automatic choice: {choice.backend} ({choice.reason})")
-    else:  # with no weights to place, the memory part of the reason would say "needs 0.00 GB"
-        click.echo(f"automatic choice: {choice.backend} (the fastest here; what fits in memory depends on the "
-                   "model: give MODEL or --shape)")
+    hint = "" if shapes else "; what fits in memory depends on the model: give MODEL or --shape"
+    click.echo(f"automatic choice: {choice.backend} ({choice.reason}{hint})")
