@@ -112,7 +112,7 @@ class LabelScorer:
     def _plan(self, tmpl: _Template, text: str, labels: list[str]) -> tuple[list[int], list[list[int]]]:
         """(C, tails) of one text: the common token prefix of its label sequences S_j, and each S_j after it."""
         seqs = [self._encode([*tmpl.before, text, *tmpl.after, tmpl.label_sep + label]) for label in labels]
-        common = min(_common_prefix(seqs[0], s) for s in seqs)
+        common = min(common_prefix(seqs[0], s) for s in seqs)
         common = min(common, min(len(s) for s in seqs) - 1)  # every label keeps at least one token
         if common < 1:
             raise ValueError("the prompt must give at least one token before the labels")
@@ -139,7 +139,7 @@ class LabelScorer:
         if n_ctx is not None and longest > n_ctx:
             raise ValueError(f"prompt, message and label need {longest} tokens; the context holds {n_ctx}")
         # The cached prefix: what every C shares with the encoded template prefix, leaving each message a row.
-        shared = min(min(_common_prefix(tmpl.prefix_ids, c), len(c) - 1) for c, _ in plans)
+        shared = min(min(common_prefix(tmpl.prefix_ids, c), len(c) - 1) for c, _ in plans)
         prefix_ids = tmpl.prefix_ids[:shared]
         messages = [_Plan(c[shared:], tails) for c, tails in plans]
         with self._lock:
@@ -216,7 +216,7 @@ class LabelScorer:
         return out
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     """Length of the longest common prefix of two token sequences."""
     n = min(len(a), len(b))
     for i in range(n):

@@ -23,7 +23,7 @@ from .backends.fast import kernels
 from .backends.lm_head import LMHead
 from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
-from .classify import LABELS_KEY, TEMPLATE_KEY, LabelScorer, default_template
+from .classify import LABELS_KEY, TEMPLATE_KEY, LabelScorer, common_prefix, default_template
 from .gguf import GGUFFile
 from .sampling import Constraint, Sampler, SamplingParams
 from .tokenizer import Tokenizer
@@ -369,7 +369,7 @@ class PromptCache:
         best, best_key = 0, None
         with self._lock:
             for key in self._entries:
-                n = min(_common_prefix(key, ids), len(ids) - 1)
+                n = min(common_prefix(key, ids), len(ids) - 1)
                 if n > best:
                     best, best_key = n, key
             if best_key is None:
@@ -402,15 +402,6 @@ class PromptCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences."""
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class DecodeState:

@@ -82,6 +82,15 @@ def list_(show_all: bool, as_json: bool) -> None:
         click.echo(f"{r['name']:<{width}}  {_size(r['size']):>8}  {state:<23}  {r['path'] or r['source']}")
 
 
+def _check(stored: store.StoredModel, why_not: str) -> str:
+    return "verified" if stored.verified else f"NOT verified ({why_not})"
+
+
+def _report(stored: store.StoredModel, as_json: bool, line: str) -> None:
+    """A stored model as JSON, or the command's one-line summary."""
+    click.echo(json.dumps(asdict(stored), indent=2) if as_json else line)
+
+
 def _pull(spec: str, name: str | None, sha256: str | None, progress: bool | None, retries: int,
           as_json: bool) -> None:
     with ProgressBar("downloading", progress) as bar, ProgressBar("converting", progress) as steps:
@@ -90,11 +99,8 @@ def _pull(spec: str, name: str | None, sha256: str | None, progress: bool | None
                                 retries=retries)
         except store.StoreError as exc:
             raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps(asdict(stored), indent=2))
-        return
-    check = "verified" if stored.verified else "NOT verified (no published digest)"
-    click.echo(f"{stored.name}  {stored.path}  sha256 {stored.sha256} {check}")
+    _report(stored, as_json, f"{stored.name}  {stored.path}  sha256 {stored.sha256} "
+                             f"{_check(stored, 'no published digest')}")
 
 
 _pull_options = [
@@ -170,11 +176,8 @@ def import_(file: str, name: str | None, sha256: str | None, copy: bool, as_json
         stored, how = store.import_file(file, name=name, sha256=sha256, copy=copy)
     except store.StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps(asdict(stored), indent=2))
-        return
-    check = "verified" if stored.verified else "NOT verified (no known digest)"
-    click.echo(f"{how} {file} -> {stored.path}\n{stored.name}  sha256 {stored.sha256} {check}")
+    _report(stored, as_json, f"{how} {file} -> {stored.path}\n{stored.name}  sha256 {stored.sha256} "
+                             f"{_check(stored, 'no known digest')}")
 
 
 @models.command("random")
