@@ -25,6 +25,9 @@ are read (`_half_to_float`: LLVM's portable half → float conversion). The floa
 be reassociated so LLVM can vectorize it: its rounding then depends on the CPU's vector width, as
 BLAS's does, but not on the ternary backend, the batch or the thread count.
 
+RMSNorm + quantisation (`rmsnorm_quantize`) repeats numpy's operations in numpy's order, pairwise
+summation included, so it gives the numpy forward pass's numbers exactly.
+
 Two generic LLVM operations are emitted directly (`_prefetch`, `_half_to_float`): neither is
 specific to a CPU; LLVM lowers both for x86 and ARM.
 """
@@ -60,7 +63,7 @@ BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
 BLOCKS_PER_INT16 = 16  # blocks summed in int16 lanes before widening (|sum| ≤ 16·1024)
 DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
-PROMPT_ROWS = 8  # rows decoded together by the prompt kernel (8 × K int16 stay in L1/L2)
+PROMPT_ROWS = 8  # rows decoded together by the prompt kernel (8 × K float32 stay in L2)
 HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
 PREFETCH_ROWS = 4  # rows ahead that streaming kernels ask the memory system for
 
@@ -71,7 +74,6 @@ _U8_ROWS = types.Array(types.uint8, 2, "C", readonly=True)
 _I16_ROWS_RO = types.Array(types.int16, 2, "C", readonly=True)
 _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
 _I16_VEC = types.Array(types.int16, 1, "C")
-_I16_MAT = types.Array(types.int16, 2, "C")
 _F32_VEC = types.Array(types.float32, 1, "C")
 _F32_MAT = types.Array(types.float32, 2, "C")
 
