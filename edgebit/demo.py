@@ -21,6 +21,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from . import __version__
 from .broker import EmbeddedBroker, node_settings
+from .classify import LABELS_KEY
 from .gguf import GGUFFile
 from .mqtt.config import parse_config
 from .mqtt.protocol import Topics
@@ -68,7 +69,7 @@ class Demo:
         self.seed = seed
         self.out = out
         self.backend = backend
-        labels = list(GGUFFile(model_path).metadata.get("edgebit.classify.labels", ()))
+        labels = list(GGUFFile(model_path).metadata.get(LABELS_KEY, ()))
         if not labels:
             raise ValueError(f"{model_path} stores no classification labels (train it with `edgebit train`)")
         self.labels = labels

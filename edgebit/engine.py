@@ -394,7 +394,7 @@ class PromptCache:
             for other in [k for k in self._entries if k == key[: len(k)]]:
                 del self._entries[other]  # a prefix of the new prompt: the new entry serves it too
             self._entries[key] = entry
-            total = sum(c.nbytes for c in self._entries.values())
+            total = self.nbytes
             while total > self.max_bytes:
                 _, old = self._entries.popitem(last=False)
                 total -= old.nbytes

@@ -18,7 +18,7 @@ import numpy as np
 from .. import quants
 from ..weights import TernaryWeight
 from .base import Backend
-from .fast import kernels, unavailable_reason
+from .fast import kernels, read_only, unavailable_reason
 from .i2s import BLOCK
 
 
@@ -32,12 +32,6 @@ class PackedRows:
     @property
     def width(self) -> int:
         return self.rows.shape[1] * 4
-
-
-def _read_only(a: np.ndarray) -> np.ndarray:
-    view = a.view()
-    view.flags.writeable = False
-    return view
 
 
 class NumbaBackend(Backend):
@@ -62,7 +56,7 @@ class NumbaBackend(Backend):
             codes = np.zeros((m, width), dtype=np.int8)
             codes[:, :k] = weight.codes()
             rows = np.frombuffer(quants.i2s_encode(codes, 1.0), dtype=np.uint8)[: m * width // 4].reshape(m, -1)
-        return PackedRows(_read_only(np.ascontiguousarray(rows)), k)
+        return PackedRows(read_only(np.ascontiguousarray(rows)), k)
 
     def matmul(self, prepared: PackedRows, xq: np.ndarray) -> np.ndarray:
         return self.matmul_group([prepared], xq)[0]
@@ -76,7 +70,7 @@ class NumbaBackend(Backend):
         outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
         if tokens == 0:
             return outs
-        none = _read_only(np.empty((0, width // 4), dtype=np.uint8))
+        none = read_only(np.empty((0, width // 4), dtype=np.uint8))
         for first in range(0, len(prepared), 3):
             rows = [p.rows for p in prepared[first : first + 3]]
             dest = outs[first : first + 3]

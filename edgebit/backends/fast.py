@@ -12,6 +12,8 @@ from functools import cache
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'edgebit[fast]'"
@@ -37,6 +39,14 @@ def kernels() -> ModuleType | None:
 def unavailable_reason() -> str:
     """Why `kernels()` is None ("" when the kernels are available)."""
     return _load()[1]
+
+
+def read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernels are compiled for read-only inputs (memory-mapped file pages), so
+    every array they read is passed this way and no second signature gets compiled."""
+    view = a.view()
+    view.flags.writeable = False
+    return view
 
 
 def status() -> dict[str, Any]:

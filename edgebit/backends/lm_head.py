@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .fast import kernels
+from .fast import kernels, read_only
 from .memory import release_file_pages
 from .threads import Workers
 
@@ -76,14 +76,16 @@ class LMHead:
         self.workers = Workers(threads)
         self._scratch: dict[int, np.ndarray] = {}
         self.row_scale: np.ndarray | None = None
+        self._fast = kernels() if mode != "int8" else None  # the compiled head serves both exact modes
         # What the compiled kernel reads in both exact modes: the embedding's values as in the file.
-        self.exact_source = embedding.view(np.int16) if embedding.dtype == np.float16 else embedding
-        if kernels() is not None and mode != "int8" and embedding.dtype == np.float16:
+        self.exact_source = read_only(embedding.view(np.int16) if embedding.dtype == np.float16 else embedding)
+        if self._fast is not None and embedding.dtype == np.float16:
             self.exact_source = self._anonymous_copy(self.exact_source)
         if mode == "float16":
             self.weight = embedding.view(np.int16)
-        elif mode == "float32":
-            self.weight = embedding if embedding.dtype == np.float32 else self._convert(embedding)
+        elif mode == "float32":  # the compiled head never reads a float32 copy: only BLAS needs one
+            convert = embedding.dtype != np.float32 and self._fast is None
+            self.weight = self._convert(embedding) if convert else self.exact_source
         else:
             self.weight, self.row_scale = self._quantize(embedding)
 
@@ -156,29 +158,23 @@ class LMHead:
         self._tiles(quantize, rows=max((1 << 20) // self.shape[1], 1))
         return codes, scale
 
-    def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray | None:
-        """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels, or
-        None if they are not installed or the mode is int8."""
-        fast = kernels()
-        if fast is None or self.mode == "int8":
-            return None
-        weight = weight.view()
-        weight.flags.writeable = False
+    def _compiled(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels."""
+        weight = read_only(weight)
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-        with fast.LAUNCH:
-            fast.set_threads(self.workers.threads)
+        with self._fast.LAUNCH:
+            self._fast.set_threads(self.workers.threads)
             if weight.dtype == np.int16:
-                fast.head_f16(weight, x, out)
+                self._fast.head_f16(weight, x, out)
             else:
-                fast.head_f32(weight, x, out)
+                self._fast.head_f32(weight, x, out)
         return out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """float32 logits (T, vocab) of float32 rows x (T, dim)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        compiled = self._compiled(x, self.exact_source)
-        if compiled is not None:
-            return compiled
+        if self._fast is not None:
+            return self._compiled(x, self.exact_source)
         out = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         rows = self.call_rows(x.shape[0])
         if self.mode == "float32":
@@ -209,9 +205,8 @@ class LMHead:
         same bits in every mode (used where only a few tokens are scored)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         ids = np.asarray(ids, dtype=np.intp)
-        compiled = self._compiled(x, self.exact_source[ids])
-        if compiled is not None:
-            return compiled
+        if self._fast is not None:
+            return self._compiled(x, self.exact_source[ids])
         if self.mode == "float16":
             rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
         else:
