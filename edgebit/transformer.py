@@ -221,6 +221,7 @@ class Transformer:
         self.token_embd = self._embedding(gguf)  # (n_vocab, n_embd), f16 view or float32
         mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), self.token_embd.shape)
         self.lm_head = LMHead(self.token_embd, mode, backend.threads)  # tied to token_embd
+        self.token_embd = self.lm_head.embedding  # the same values, from the head's copy if it made one
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
         self.layers = []
         for i in range(cfg.n_layer):

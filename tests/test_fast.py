@@ -73,6 +73,20 @@ def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> No
     np.testing.assert_array_equal(half.logits(ids), single.logits(ids))
 
 
+def test_token_lookups_read_the_heads_copy_not_the_file(tiny_model: Path) -> None:
+    """With the compiled head the f16 embedding is copied out of the file at load; looking tokens up
+    in the file mapping again would fault its pages back into the resident set."""
+    from edgebit.backends.memory import _mapping_of
+
+    model = edgebit.load(tiny_model, backend="numba")
+    transformer = model.transformer
+    assert _mapping_of(transformer.token_embd) is None
+    assert transformer.token_embd.dtype == np.float16
+    assert np.shares_memory(transformer.token_embd, transformer.lm_head.exact_source)
+    numpy_only = edgebit.load(tiny_model, backend="dense")
+    np.testing.assert_array_equal(transformer.token_embd, numpy_only.transformer.token_embd)
+
+
 SHARED_MODEL = """
 import sys
 from concurrent.futures import ThreadPoolExecutor
