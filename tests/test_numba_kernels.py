@@ -93,10 +93,10 @@ def test_a_group_of_three_weights_equals_each_alone() -> None:
             np.testing.assert_array_equal(o, _exact(c, x))
 
 
-@pytest.mark.parametrize("k", [128, 2048, 6912])  # int16 lanes are flushed every 16 blocks (2048)
+@pytest.mark.parametrize("k", [128, 2048, 6912])  # one block, a long row, the 2B4T down projection
 @pytest.mark.parametrize("value", [-1, 1])
 def test_extreme_sums(k: int, value: int) -> None:
-    """Every weight and activation at its extreme: the largest sums the int16/int32 lanes must hold."""
+    """Every weight and activation at its extreme: the largest sums the kernels' lanes must hold."""
     codes = np.full((3, k), value, dtype=np.int8)
     codes[1] = 0
     codes[2] = -value

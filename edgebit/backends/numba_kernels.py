@@ -12,10 +12,9 @@ of four weights at bit shifts 6, 4, 2, 0:
     byte 32b + j  =  c[128b + j] << 6 | c[128b + 32 + j] << 4 | c[128b + 64 + j] << 2 | c[128b + 96 + j]
 
 Exactness. Activations are integers with |x| ≤ 128. The decode kernel multiplies the unsigned codes,
-Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. Per block and lane the four products sum to at
-most 4·2·128 = 1024 in magnitude, so BLOCKS_PER_INT16 = 16 blocks are summed in int16 (≤ 16384)
-before widening to int32; a row sum is bounded by 2·128·K, far below 2**31 and, for K < 65536,
-below 2**24, so the float32 result is the exact integer. The prompt kernel decodes rows to
+Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. It sums int16 × int16 products in int32: with
+codes ≤ 3 a row's sum is bounded by 3·128·K, far below 2**31, and for K < 43690 below 2**24, so
+the float32 result is the exact integer. The prompt kernel decodes rows to
 w ∈ {-1, 0, 1} in float32 and multiplies them with float32 copies of the int8 activations: every
 partial sum is an integer below 2**24, exact in float32 whatever the order, which lets LLVM keep
 16 running sums (4 rows × 4 tokens) in vector registers and use fused multiply-adds.
@@ -61,7 +60,6 @@ LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
-BLOCKS_PER_INT16 = 16  # blocks summed in int16 lanes before widening (|sum| ≤ 16·1024)
 DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
 PROMPT_ROWS = 8  # rows decoded together by the prompt kernel (8 × K float32 stay in L2)
 HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
@@ -127,31 +125,43 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
 
 
 @numba.njit(inline="always")
-def _gemv_rows(packed: np.ndarray, x: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int,
-               wide: np.ndarray, narrow: np.ndarray) -> None:
-    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight (wide/narrow: lane scratch)."""
-    quarter = packed.shape[1]
-    n_blocks = quarter // BLOCK_BYTES
-    flat = packed.reshape(-1)
-    for m in range(start, stop):
-        row = packed[m]
-        _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
-        wide[:] = 0
-        for first in range(0, n_blocks, BLOCKS_PER_INT16):
-            narrow[:] = 0
-            for b in range(first, min(n_blocks, first + BLOCKS_PER_INT16)):
-                xb = x[b * BLOCK: b * BLOCK + BLOCK]
-                rb = row[b * BLOCK_BYTES: b * BLOCK_BYTES + BLOCK_BYTES]
-                for j in range(BLOCK_BYTES):
-                    byte = _i16(rb[j])
-                    narrow[j] += _i16(_i16((byte >> 6) & 3) * xb[j] + _i16((byte >> 4) & 3) * xb[32 + j]
-                                      + _i16((byte >> 2) & 3) * xb[64 + j] + _i16(byte & 3) * xb[96 + j])
+def _planes(x: np.ndarray) -> np.ndarray:
+    """The activations in I2_S's byte order: planes[s, 32b + j] = x[128b + 32s + j], so the weight
+    under bit shift 6 - 2s of byte 32b + j multiplies planes[s, 32b + j]."""
+    k_len = x.shape[0]
+    planes = np.empty((4, k_len // 4), np.int16)
+    for b in range(k_len // BLOCK):
+        for s in range(4):
             for j in range(BLOCK_BYTES):
-                wide[j] += narrow[j]
-        total = 0
-        for j in range(BLOCK_BYTES):
-            total += wide[j]
-        out[m] = total - x_sum
+                planes[s, b * BLOCK_BYTES + j] = x[b * BLOCK + s * BLOCK_BYTES + j]
+    return planes
+
+
+@numba.njit(inline="always")
+def _row_dot(row: np.ndarray, p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3: np.ndarray) -> np.int32:
+    """Σ c·x over one I2_S row (codes c = w + 1) against the activation planes.
+
+    One int32 sum of int16 × int16 products, each code cast to int16 where it is cut out of its
+    byte: LLVM turns that into pmaddwd/vpdpwssd (NEON: smlal) on whole vectors of bytes. Products
+    widened to 32 bits first, or numba's default int64 sums, vectorize at half the rate or worse.
+    """
+    total = _i32(0)
+    for n in range(row.shape[0]):
+        byte = row[n]
+        total = _i32(total + _i32(_i16((byte >> 6) & 3)) * _i32(p0[n]) + _i32(_i16((byte >> 4) & 3)) * _i32(p1[n])
+                     + _i32(_i16((byte >> 2) & 3)) * _i32(p2[n]) + _i32(_i16(byte & 3)) * _i32(p3[n]))
+    return total
+
+
+@numba.njit(inline="always")
+def _gemv_rows(packed: np.ndarray, planes: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int) -> None:
+    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight."""
+    quarter = packed.shape[1]
+    flat = packed.reshape(-1)
+    p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
+    for m in range(start, stop):
+        _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
+        out[m] = _row_dot(packed[m], p0, p1, p2, p3) - x_sum
 
 
 @numba.njit(parallel=True, **_JIT)
@@ -163,21 +173,20 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     x_sum = 0
     for k in range(x.shape[0]):
         x_sum += x[k]
+    planes = _planes(x)
     c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     for chunk in prange(c0 + c1 + c2):
-        wide = np.empty(BLOCK_BYTES, np.int32)
-        narrow = np.empty(BLOCK_BYTES, np.int16)
         if chunk < c0:
             start = chunk * DECODE_ROWS
-            _gemv_rows(w0, x, x_sum, out0, start, min(w0.shape[0], start + DECODE_ROWS), wide, narrow)
+            _gemv_rows(w0, planes, x_sum, out0, start, min(w0.shape[0], start + DECODE_ROWS))
         elif chunk < c0 + c1:
             start = (chunk - c0) * DECODE_ROWS
-            _gemv_rows(w1, x, x_sum, out1, start, min(w1.shape[0], start + DECODE_ROWS), wide, narrow)
+            _gemv_rows(w1, planes, x_sum, out1, start, min(w1.shape[0], start + DECODE_ROWS))
         else:
             start = (chunk - c0 - c1) * DECODE_ROWS
-            _gemv_rows(w2, x, x_sum, out2, start, min(w2.shape[0], start + DECODE_ROWS), wide, narrow)
+            _gemv_rows(w2, planes, x_sum, out2, start, min(w2.shape[0], start + DECODE_ROWS))
 
 
 @numba.njit(inline="always")
