@@ -323,8 +323,8 @@ class Transformer:
             ys.append(y)
         return ys
 
-    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
-        """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i."""
+    def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """cos and sin of the RoPE angles (T, d/2) at `positions`: the same for q, k and every layer."""
         if self.numerics == "ggml":  # ggml's rope cache: angle = pos, then ·= base^(-2/d) per pair, in float32
             step = np.float32(self.config.rope_base) ** np.float32(-2.0 / self.config.head_dim)
             angles = np.empty((len(positions), self.config.head_dim // 2), dtype=np.float32)
@@ -334,25 +334,43 @@ class Transformer:
                 theta = theta * step
         else:
             angles = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]  # (T, d/2)
-        cos, sin = np.cos(angles), np.sin(angles)
+        return np.cos(angles), np.sin(angles)
+
+    def rope(self, x: np.ndarray, positions: np.ndarray,
+             tables: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+        """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i
+        (`tables`: rope_tables(positions), when the caller already has them)."""
+        cos, sin = self.rope_tables(positions) if tables is None else tables
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """Causal GQA attention. q (n_head, T, d); k, v (n_head_kv, L, d); mask (T, L) bool → (T, n_head·d).
+        """Causal GQA attention. q (n_head, T, d); k, v (n_head_kv, ≥ L, d), of which the first
+        L = mask.shape[1] positions are the keys; mask (T, L) bool → (T, n_head·d).
 
         Each query row is computed on its own against exactly the keys it may see, in position order.
         A row's numbers therefore do not depend on how many rows share the call: a prompt gives the
         same logits whether it is evaluated at once, in chunks or token by token, and a token tree
-        (classification) gives the same numbers as running each branch separately.
+        (classification) gives the same numbers as running each branch separately. With the
+        compiled kernels installed one compiled call does this for all rows and heads (float32
+        caches); the numpy loop below is the reference and the fallback.
         """
         cfg = self.config
         n_rep, T, d = cfg.n_head // cfg.n_head_kv, q.shape[1], cfg.head_dim
+        scale = np.float32(1.0 / np.sqrt(d))
+        fast = kernels()
+        if fast is not None and self.numerics != "ggml" and k.dtype == v.dtype == np.float32 \
+                and k.flags.c_contiguous and v.flags.c_contiguous:
+            out = np.empty((T, cfg.n_head, d), dtype=np.float32)
+            with fast.LAUNCH:
+                fast.set_threads(self.backend.threads)
+                fast.attention(np.ascontiguousarray(q, dtype=np.float32), k, v,
+                               np.ascontiguousarray(mask, dtype=bool), scale, out)
+            return out.reshape(T, cfg.n_embd)
         if self.numerics == "ggml":
             q = _f16_round(q)
         qg = q.reshape(cfg.n_head_kv, n_rep, T, d)  # query head h uses kv head h // n_rep
-        scale = np.float32(1.0 / np.sqrt(d))
         round_probs = self.numerics == "ggml" and T == 1  # ggml rounds probabilities only in decode
         out = np.empty((T, cfg.n_head_kv, n_rep, d), dtype=np.float32)
         gathered = np.empty(0, dtype=np.intp)  # which keys k_rows / v_rows hold (tree rows only)
@@ -427,6 +445,7 @@ class Transformer:
             seg.cache.reserve(seg.cache.length + seg.stop - seg.start)
 
         h = self.token_embd[ids].astype(np.float32)
+        tables = [self.rope_tables(seg.positions) for seg in segments]
         for i, layer in enumerate(self.layers):
             # attention block
             xq, gamma = self.norm_quantize(h, layer.attn_norm)
@@ -435,14 +454,15 @@ class Transformer:
             k = k.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
             v = v.reshape(T, cfg.n_head_kv, cfg.head_dim).transpose(1, 0, 2)
             o = np.empty((T, cfg.n_embd), dtype=np.float32)
-            for seg in segments:
+            for seg, table in zip(segments, tables, strict=True):
                 rows, cache, past = slice(seg.start, seg.stop), seg.cache, seg.cache.length
                 end = past + seg.stop - seg.start
-                sq, sk = self.rope(q[:, rows], seg.positions), self.rope(k[:, rows], seg.positions)
+                sq, sk = self.rope(q[:, rows], seg.positions, table), self.rope(k[:, rows], seg.positions, table)
                 cache.k[i][:, past:end] = sk
                 cache.v[i][:, past:end] = v[:, rows]
-                keys = cache.k[i][:, :end].astype(np.float32, copy=False)
-                values = cache.v[i][:, :end].astype(np.float32, copy=False)
+                keys, values = cache.k[i], cache.v[i]  # attention reads the first `end` positions
+                if keys.dtype != np.float32:
+                    keys, values = keys[:, :end].astype(np.float32), values[:, :end].astype(np.float32)
                 o[rows] = self.attention(sq, keys, values, seg.mask)
             xq, gamma = self.norm_quantize(o, layer.attn_sub_norm)
             h = h + self.bitlinear(layer, ("attn_output",), xq, gamma)[0]

@@ -4,7 +4,7 @@ Resident memory is the memory map itself (n/4 bytes, 0.52 GB for the 2B4T): I2_S
 is a multiple of 128 are passed to the kernels as they lie in the file. Other layouts (TQ1_0,
 TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
 row layout, rows padded with zero weights to whole blocks. One token uses the decode kernel
-(`i2s_gemv`, int16 arithmetic), several the prompt kernel (`i2s_gemm`, float32 arithmetic on
+(`i2s_gemv`, int16 products summed in int32), several the prompt kernel (`i2s_gemm`, float32 arithmetic on
 integers); both return exact integer products
 (numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
 """
@@ -36,7 +36,7 @@ class PackedRows:
 
 class NumbaBackend(Backend):
     name = "numba"
-    description = "compiled kernels (numba): the file's 2-bit I2_S codes used in place, exact int16/int32 products"
+    description = "compiled kernels (numba): the file's 2-bit I2_S codes used in place, exact integer products"
 
     @classmethod
     def supported(cls) -> tuple[bool, str]:

@@ -74,6 +74,7 @@ _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
 _I16_VEC = types.Array(types.int16, 1, "C")
 _F32_VEC = types.Array(types.float32, 1, "C")
 _F32_MAT = types.Array(types.float32, 2, "C")
+_F32_CUBE = types.Array(types.float32, 3, "C")
 
 _JIT = {"cache": True, "nogil": True}
 
@@ -401,6 +402,49 @@ def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.
             xq[t, d] = np.int8(np.rint(y[d] * g))
 
 
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray, scale: np.float32,
+              out: np.ndarray) -> None:
+    """Causal GQA attention, each (head, query row) on its own: q (n_head, T, d); keys, values
+    (n_kv, ≥ L, d), of which the first L = mask.shape[1] positions are used (a KV cache as it is
+    stored); mask (T, L) says which keys row t sees; out (T, n_head, d).
+
+    A row's scores, softmax and weighted sum visit its visible keys in position order, so its
+    numbers do not depend on which other rows share the call (prompt, token by token, token tree).
+    The dot products over d may be reassociated (vectorized), as the LM head's are.
+    """
+    n_head, tokens, dim = q.shape
+    n_rep = n_head // keys.shape[0]
+    length = mask.shape[1]
+    for item in prange(n_head * tokens):
+        h, t = item // tokens, item % tokens
+        kv = h // n_rep
+        query = q[h, t]
+        scores = np.empty(length, np.float32)
+        best = -np.inf
+        for j in range(length):
+            if mask[t, j]:
+                total = np.float32(0)
+                key = keys[kv, j]
+                for i in range(dim):
+                    total += query[i] * key[i]
+                scores[j] = total * scale
+                best = max(best, scores[j])
+        norm = np.float32(0)
+        for j in range(length):
+            if mask[t, j]:
+                scores[j] = np.exp(scores[j] - best)
+                norm += scores[j]
+        row = out[t, h]
+        row[:] = 0
+        for j in range(length):
+            if mask[t, j]:
+                p = scores[j] / norm
+                value = values[kv, j]
+                for i in range(dim):
+                    row[i] += p * value[i]
+
+
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
     i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_VEC, _F32_VEC, _F32_VEC, _F32_VEC),
@@ -408,6 +452,7 @@ SIGNATURES = {
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
+    attention: (_F32_CUBE, _F32_CUBE, _F32_CUBE, types.Array(types.boolean, 2, "C"), types.float32, _F32_CUBE),
 }
 
 
