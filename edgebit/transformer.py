@@ -218,9 +218,9 @@ class Transformer:
         self.backend = backend
         self.numerics = numerics
         self._check_tensors(gguf)
-        self.token_embd = self._embedding(gguf)  # (n_vocab, n_embd), f16 view or float32
-        mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), self.token_embd.shape)
-        self.lm_head = LMHead(self.token_embd, mode, backend.threads)  # tied to token_embd
+        embedding = self._embedding(gguf)  # (n_vocab, n_embd), f16 view of the file or float32
+        mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), embedding.shape)
+        self.lm_head = LMHead(embedding, mode, backend.threads)  # tied to token_embd
         self.token_embd = self.lm_head.embedding  # the same values, from the head's copy if it made one
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
         self.layers = []
@@ -336,11 +336,13 @@ class Transformer:
             angles = positions.astype(np.float32)[:, None] * self._inv_freq[None, :]  # (T, d/2)
         return np.cos(angles), np.sin(angles)
 
-    def rope(self, x: np.ndarray, positions: np.ndarray,
-             tables: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
-        """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i
-        (`tables`: rope_tables(positions), when the caller already has them)."""
-        cos, sin = self.rope_tables(positions) if tables is None else tables
+    def rope(self, x: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """NEOX rotate-half RoPE on (heads, T, head_dim): pairs (i, i + d/2), angle pos·θ_i."""
+        return self._rotate(x, *self.rope_tables(positions))
+
+    @staticmethod
+    def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """RoPE with the angles' cos and sin given (rope_tables)."""
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
@@ -363,8 +365,7 @@ class Transformer:
         if fast is not None and self.numerics != "ggml" and k.dtype == v.dtype == np.float32 \
                 and k.flags.c_contiguous and v.flags.c_contiguous:
             out = np.empty((T, cfg.n_head, d), dtype=np.float32)
-            with fast.LAUNCH:
-                fast.set_threads(self.backend.threads)
+            with fast.launch(self.backend.threads):
                 fast.attention(np.ascontiguousarray(q, dtype=np.float32), k, v,
                                np.ascontiguousarray(mask, dtype=bool), scale, out)
             return out.reshape(T, cfg.n_embd)
@@ -457,7 +458,7 @@ class Transformer:
             for seg, table in zip(segments, tables, strict=True):
                 rows, cache, past = slice(seg.start, seg.stop), seg.cache, seg.cache.length
                 end = past + seg.stop - seg.start
-                sq, sk = self.rope(q[:, rows], seg.positions, table), self.rope(k[:, rows], seg.positions, table)
+                sq, sk = self._rotate(q[:, rows], *table), self._rotate(k[:, rows], *table)
                 cache.k[i][:, past:end] = sk
                 cache.v[i][:, past:end] = v[:, rows]
                 keys, values = cache.k[i], cache.v[i]  # attention reads the first `end` positions

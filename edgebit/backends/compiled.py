@@ -76,8 +76,7 @@ class NumbaBackend(Backend):
             dest = outs[first : first + 3]
             rows += [none] * (3 - len(rows))
             dest += [np.empty((tokens, 0), dtype=np.float32)] * (3 - len(dest))
-            with fast.LAUNCH:
-                fast.set_threads(self.threads)
+            with fast.launch(self.threads):
                 if tokens == 1:
                     fast.i2s_gemv(*rows, x[0], *(d[0] for d in dest))
                 else:

@@ -166,8 +166,7 @@ class LMHead:
         """Logits of rows x against `weight` (rows of `exact_source`) with the compiled kernels."""
         weight = read_only(weight)
         out = np.empty((x.shape[0], weight.shape[0]), dtype=np.float32)
-        with self._fast.LAUNCH:
-            self._fast.set_threads(self.workers.threads)
+        with self._fast.launch(self.workers.threads):
             if weight.dtype == np.int16:
                 self._fast.head_f16(weight, x, out)
             else:

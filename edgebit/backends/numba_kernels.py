@@ -36,7 +36,8 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numba
 import numpy as np
@@ -55,7 +56,7 @@ if not os.environ.get("NUMBA_CACHE_DIR"):
 # loops. But when several processes spin-wait for cores (two edgebit processes, a torch training
 # run) OpenMP's wake-ups took 0.1-16 ms each here; NUMBA_THREADING_LAYER=workqueue is then the
 # robust choice (README, Performance). The workqueue must not be entered from two threads at once,
-# so callers hold LAUNCH whichever layer runs.
+# so callers start kernels inside `launch()`, which holds LAUNCH whichever layer runs.
 LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 
 BLOCK = 128  # weights per I2_S block
@@ -420,29 +421,32 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
         h, t = item // tokens, item % tokens
         kv = h // n_rep
         query = q[h, t]
-        scores = np.empty(length, np.float32)
+        visible = np.empty(length, np.intp)
+        n = 0
+        for j in range(length):
+            if mask[t, j]:
+                visible[n] = j
+                n += 1
+        scores = np.empty(n, np.float32)
         best = -np.inf
-        for j in range(length):
-            if mask[t, j]:
-                total = np.float32(0)
-                key = keys[kv, j]
-                for i in range(dim):
-                    total += query[i] * key[i]
-                scores[j] = total * scale
-                best = max(best, scores[j])
+        for i in range(n):
+            key = keys[kv, visible[i]]
+            total = np.float32(0)
+            for d in range(dim):
+                total += query[d] * key[d]
+            scores[i] = total * scale
+            best = max(best, scores[i])
         norm = np.float32(0)
-        for j in range(length):
-            if mask[t, j]:
-                scores[j] = np.exp(scores[j] - best)
-                norm += scores[j]
+        for i in range(n):
+            scores[i] = np.exp(scores[i] - best)
+            norm += scores[i]
         row = out[t, h]
         row[:] = 0
-        for j in range(length):
-            if mask[t, j]:
-                p = scores[j] / norm
-                value = values[kv, j]
-                for i in range(dim):
-                    row[i] += p * value[i]
+        for i in range(n):
+            p = scores[i] / norm
+            value = values[kv, visible[i]]
+            for d in range(dim):
+                row[d] += p * value[d]
 
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
@@ -481,3 +485,11 @@ def set_threads(threads: int | None) -> None:
     """Use `threads` (None: all numba may use) for the parallel loops started from this thread."""
     limit = numba.config.NUMBA_NUM_THREADS
     numba.set_num_threads(max(1, min(threads or limit, limit)))
+
+
+@contextmanager
+def launch(threads: int | None) -> Iterator[None]:
+    """Hold LAUNCH and run the parallel kernels started inside on `threads` threads."""
+    with LAUNCH:
+        set_threads(threads)
+        yield
