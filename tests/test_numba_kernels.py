@@ -6,6 +6,7 @@ numba is not installed (the numpy backends are tested without it in test_backend
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -47,7 +48,7 @@ def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     for t in range(x.shape[0]):
         nk.i2s_gemv(none, rows, none, x16[t], unused[t], one[t], unused[t])
     many = np.empty_like(one)
-    nk.i2s_gemm(rows, none, none, x.astype(np.float32), many, unused, unused)
+    nk.i2s_gemm(rows, none, none, x, many, unused, unused)
     return one, many
 
 
@@ -81,16 +82,35 @@ def test_decode_and_prompt_kernels_are_exact(problem: tuple[np.ndarray, np.ndarr
 def test_a_group_of_three_weights_equals_each_alone() -> None:
     """q/k/v-like groups: three weights of different heights (not multiples of the row tiles) in one call."""
     rng = np.random.default_rng(11)
-    codes = [rng.integers(-1, 2, size=(m, 384), dtype=np.int8) for m in (37, 5, 70)]
-    for tokens in (1, 3):
+    heights = (37, 5, 70), (nk.PART_ROWS + 21, 5, 37)  # the second: parts that cross weights
+    for (m0, m1, m2), tokens in itertools.product(heights, (1, 3)):
+        codes = [rng.integers(-1, 2, size=(m, 384), dtype=np.int8) for m in (m0, m1, m2)]
         x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
         outs = [np.empty((tokens, c.shape[0]), dtype=np.float32) for c in codes]
         if tokens == 1:
             nk.i2s_gemv(*(_rows(c) for c in codes), x[0].astype(np.int16), *(o[0] for o in outs))
         else:
-            nk.i2s_gemm(*(_rows(c) for c in codes), x.astype(np.float32), *outs)
+            nk.i2s_gemm(*(_rows(c) for c in codes), x, *outs)
         for c, o in zip(codes, outs, strict=True):
             np.testing.assert_array_equal(o, _exact(c, x))
+
+
+@settings(max_examples=max(EXAMPLES // 4, 5), deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), tokens=st.sampled_from([2, 5, 131]))  # 131 > PROMPT_TOKENS
+def test_any_byte_multiplies_as_the_reference_decodes_it(seed: int, tokens: int) -> None:
+    """Rows of arbitrary bytes (codes 3, weight +2, appear only in a damaged file) against
+    quants.i2s_decode, with more tokens than one set of the prompt kernel's tables holds."""
+    rng = np.random.default_rng(seed)
+    m, k = 19, 256
+    rows = rng.integers(0, 256, size=(m, k // 4), dtype=np.uint8)
+    rows[rng.random(rows.shape) < 0.9] &= 0b10101010  # mostly valid codes, some threes left
+    codes = quants.i2s_decode(np.concatenate([rows.reshape(-1), np.zeros(32, np.uint8)]), m * k)[0]
+    x = rng.integers(-128, 128, size=(tokens, k), dtype=np.int8)
+    none = _rows(np.zeros((0, k), dtype=np.int8))
+    out = np.empty((tokens, m), dtype=np.float32)
+    unused = np.empty((tokens, 0), dtype=np.float32)
+    nk.i2s_gemm(none, np.frombuffer(rows.tobytes(), np.uint8).reshape(m, -1), none, x, unused, out, unused)
+    np.testing.assert_array_equal(out, _exact(codes.reshape(m, k), x))
 
 
 @pytest.mark.parametrize("k", [128, 2048, 6912])  # one block, a long row, the 2B4T down projection

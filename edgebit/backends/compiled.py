@@ -4,8 +4,8 @@ Resident memory is the memory map itself (n/4 bytes, 0.52 GB for the 2B4T): I2_S
 is a multiple of 128 are passed to the kernels as they lie in the file. Other layouts (TQ1_0,
 TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
 row layout, rows padded with zero weights to whole blocks. One token uses the decode kernel
-(`i2s_gemv`, int16 products summed in int32), several the prompt kernel (`i2s_gemm`, float32 arithmetic on
-integers); both return exact integer products
+(`i2s_gemv`, int16 products summed in int32), several the prompt kernel (`i2s_gemm`, lookups in
+tables of activation sums); both return exact integer products
 (numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
 """
 
@@ -65,7 +65,7 @@ class NumbaBackend(Backend):
         """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group."""
         fast = kernels()
         tokens, width = xq.shape[0], prepared[0].width
-        x = np.zeros((tokens, width), dtype=np.int16 if tokens == 1 else np.float32)
+        x = np.zeros((tokens, width), dtype=np.int16 if tokens == 1 else np.int8)
         x[:, : prepared[0].k] = xq
         outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
         if tokens == 0:

@@ -14,10 +14,10 @@ of four weights at bit shifts 6, 4, 2, 0:
 Exactness. Activations are integers with |x| ≤ 128. The decode kernel multiplies the unsigned codes,
 Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. It sums int16 × int16 products in int32: with
 codes ≤ 3 a row's sum is bounded by 3·128·K, far below 2**31, and for K < 43690 below 2**24, so
-the float32 result is the exact integer. The prompt kernel decodes rows to
-w ∈ {-1, 0, 1} in float32 and multiplies them with float32 copies of the int8 activations: every
-partial sum is an integer below 2**24, exact in float32 whatever the order, which lets LLVM keep
-16 running sums (4 rows × 4 tokens) in vector registers and use fused multiply-adds.
+the float32 result is the exact integer. The prompt kernel adds table entries instead of
+multiplying: an entry is a sum of four int8 activations with signs (|entry| ≤ 512, int16), a block's
+32 entries per row sum to at most 16384 in size (int16), and blocks are added up in int32. A code
+3 (weight +2, only in a damaged file) is looked up as a 2 and its activation added once more.
 
 LM head. f16 embedding rows arrive as their int16 bits and are widened exactly to float32 as they
 are read (`_half_to_float`: LLVM's portable half → float conversion). The float32 dot product may
@@ -62,7 +62,8 @@ LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
 DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
-PROMPT_ROWS = 8  # rows decoded together by the prompt kernel (8 × K float32 stay in L2)
+PROMPT_TOKENS = 128  # tokens per set of block tables in the prompt kernel
+PART_ROWS = 4096  # at most this many rows per parallel part of the prompt kernel
 HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
 PREFETCH_ROWS = 4  # rows ahead that streaming kernels ask the memory system for
 
@@ -192,94 +193,123 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
 
 
 @numba.njit(inline="always")
-def _decode_row(row: np.ndarray, w: np.ndarray) -> None:
-    """Weights w ∈ {-1, 0, 1} (float32, natural order) of one I2_S row."""
-    for b in range(row.shape[0] // BLOCK_BYTES):
-        for j in range(BLOCK_BYTES):
-            byte = _i32(row[b * BLOCK_BYTES + j])
-            w[b * BLOCK + j] = np.float32(_i32((byte >> 6) & 3) - 1)
-            w[b * BLOCK + 32 + j] = np.float32(_i32((byte >> 4) & 3) - 1)
-            w[b * BLOCK + 64 + j] = np.float32(_i32((byte >> 2) & 3) - 1)
-            w[b * BLOCK + 96 + j] = np.float32(_i32(byte & 3) - 1)
+def _group_index() -> np.ndarray:
+    """For each byte value: the index c0·27 + c1·9 + c2·3 + c3 of its four codes (shifts 6, 4, 2, 0)
+    in a group's table of 81 sums. A code 3 (weight +2: only a damaged file has one) counts as 2
+    here; `_table_rows` adds its activation a second time. (Built per call: numba does not cache
+    code that reads a global array.)"""
+    index = np.empty(256, np.uint8)
+    for byte in range(256):
+        i = 0
+        for shift in (6, 4, 2, 0):
+            i = i * 3 + min((byte >> shift) & 3, 2)
+        index[byte] = i
+    return index
 
 
 @numba.njit(inline="always")
-def _gemm_tile(packed: np.ndarray, x: np.ndarray, out: np.ndarray, first: int, w: np.ndarray) -> None:
-    """out[:, first:first + PROMPT_ROWS] of one weight: its rows decoded once into w, then all tokens,
-    4 rows × 4 tokens at a time (16 running sums: each loaded weight and activation is used 4 times)."""
-    rows = min(PROMPT_ROWS, packed.shape[0] - first)
-    for r in range(rows):
-        _decode_row(packed[first + r], w[r])
-    tokens, k_len = x.shape
-    t = 0
-    while t + 4 <= tokens:
-        x0, x1, x2, x3 = x[t], x[t + 1], x[t + 2], x[t + 3]
-        r = 0
-        while r + 4 <= rows:
-            w0, w1, w2, w3 = w[r], w[r + 1], w[r + 2], w[r + 3]
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
-            for k in range(k_len):
-                a0, a1, a2, a3 = x0[k], x1[k], x2[k], x3[k]
-                v = w0[k]
-                s00 += v * a0
-                s01 += v * a1
-                s02 += v * a2
-                s03 += v * a3
-                v = w1[k]
-                s10 += v * a0
-                s11 += v * a1
-                s12 += v * a2
-                s13 += v * a3
-                v = w2[k]
-                s20 += v * a0
-                s21 += v * a1
-                s22 += v * a2
-                s23 += v * a3
-                v = w3[k]
-                s30 += v * a0
-                s31 += v * a1
-                s32 += v * a2
-                s33 += v * a3
-            m = first + r
-            out[t, m], out[t + 1, m], out[t + 2, m], out[t + 3, m] = s00, s01, s02, s03
-            out[t, m + 1], out[t + 1, m + 1], out[t + 2, m + 1], out[t + 3, m + 1] = s10, s11, s12, s13
-            out[t, m + 2], out[t + 1, m + 2], out[t + 2, m + 2], out[t + 3, m + 2] = s20, s21, s22, s23
-            out[t, m + 3], out[t + 1, m + 3], out[t + 2, m + 3], out[t + 3, m + 3] = s30, s31, s32, s33
-            r += 4
-        t += 4
-    for tt in range(tokens):  # what the 4 × 4 blocks left: the last rows of the tile, the last tokens
-        xt = x[tt]
-        for r in range(rows - rows % 4 if tt < t else 0, rows):
-            wr = w[r]
-            total = np.float32(0)
-            for k in range(k_len):
-                total += wr[k] * xt[k]
-            out[tt, first + r] = total
+def _group_table(x: np.ndarray, t0: int, tokens: int, block: int, j: int, xs: np.ndarray, pairs: np.ndarray,
+                 table: np.ndarray) -> None:
+    """table[i, t] = Σ_s (c_s - 1)·x[t0 + t, 128·block + 32s + j] for the 81 code combinations i of
+    byte j of the block: two 9-entry tables of pairs, then every pair of pairs added."""
+    k = block * BLOCK + j
+    for s in range(4):
+        for t in range(tokens):
+            xs[s, t] = x[t0 + t, k + BLOCK_BYTES * s]
+    for c0 in range(3):
+        for c1 in range(3):
+            high, low = pairs[c0 * 3 + c1], pairs[9 + c0 * 3 + c1]
+            for t in range(tokens):
+                high[t] = _i16((c0 - 1) * xs[0, t] + (c1 - 1) * xs[1, t])
+                low[t] = _i16((c0 - 1) * xs[2, t] + (c1 - 1) * xs[3, t])
+    for h in range(9):
+        high = pairs[h]
+        for lo in range(9):
+            low, entry = pairs[9 + lo], table[h * 9 + lo]
+            for t in range(tokens):
+                entry[t] = _i16(high[t] + low[t])
 
 
-@numba.njit(parallel=True, fastmath={"reassoc", "contract"}, **_JIT)
+@numba.njit(inline="always")
+def _table_rows(packed: np.ndarray, block: int, tables: np.ndarray, index: np.ndarray, x: np.ndarray, t0: int,
+                tokens: int, acc: np.ndarray, first: int, start: int, stop: int, partial: np.ndarray) -> None:
+    """acc[first + m, :tokens] += Σ over block `block` of row m, for rows start..stop of one weight:
+    each byte of the row picks one entry of its group's table, four bytes per pass over the tokens.
+    The int16 partial sum of a block is at most 32 · 4 · 128 = 16384 in size."""
+    offset = block * BLOCK_BYTES
+    for m in range(start, stop):
+        row = packed[m]
+        for t in range(tokens):
+            partial[t] = 0
+        threes = 0
+        for j in range(0, BLOCK_BYTES, 4):
+            b0, b1, b2, b3 = row[offset + j], row[offset + j + 1], row[offset + j + 2], row[offset + j + 3]
+            threes |= (b0 & (b0 >> 1)) | (b1 & (b1 >> 1)) | (b2 & (b2 >> 1)) | (b3 & (b3 >> 1))
+            e0, e1 = tables[j, index[b0]], tables[j + 1, index[b1]]
+            e2, e3 = tables[j + 2, index[b2]], tables[j + 3, index[b3]]
+            for t in range(tokens):
+                partial[t] = _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t])
+        total = acc[first + m]
+        for t in range(tokens):
+            total[t] += partial[t]
+        if threes & 0x55:  # a code 3 somewhere in this block of the row: weight 2, its activation once more
+            for j in range(BLOCK_BYTES):
+                for s in range(4):
+                    if (row[offset + j] >> (6 - 2 * s)) & 3 == 3:
+                        k = block * BLOCK + BLOCK_BYTES * s + j
+                        for t in range(tokens):
+                            total[t] += x[t0 + t, k]
+
+
 def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
-    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for many tokens x (T, K) and up to three weights
+    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for many tokens x (T, K) int8 and up to three weights
     (out_i float32 (T, M_i)); an unused slot is a (0, K/4) weight.
 
-    A tile of PROMPT_ROWS rows is decoded once to float32 and multiplied with every token. x holds
-    int8 values as float32: every product and partial sum is an integer below 2**24, so float32 is
-    exact in any order, and the reassociation LLVM is allowed here (to vectorize 16 running sums)
-    cannot change a result.
+    Table lookups instead of multiplications: for each block of 128 weights, each of its 32 byte
+    positions gets a table of the 81 sums ±x ± x ± x ± x its four codes can select, for up to
+    PROMPT_TOKENS tokens side by side (int16). A row then costs one table row per byte: four weights
+    times every token in a few vector adds. The three weights' rows, stacked, are split into equal
+    parts, at least one per thread; each part builds its own tables block by block (663 KB for 128
+    tokens: they stay in its core's L2 cache) and keeps int32 totals for its rows, so threads never
+    wait for each other inside the call.
     """
-    c0 = (w0.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
-    c1 = (w1.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
-    c2 = (w2.shape[0] + PROMPT_ROWS - 1) // PROMPT_ROWS
-    for tile in prange(c0 + c1 + c2):
-        w = np.empty((PROMPT_ROWS, x.shape[1]), np.float32)
-        if tile < c0:
-            _gemm_tile(w0, x, out0, tile * PROMPT_ROWS, w)
-        elif tile < c0 + c1:
-            _gemm_tile(w1, x, out1, (tile - c0) * PROMPT_ROWS, w)
-        else:
-            _gemm_tile(w2, x, out2, (tile - c0 - c1) * PROMPT_ROWS, w)
+    stacked = w0.shape[0] + w1.shape[0] + w2.shape[0]
+    threads = numba.get_num_threads()
+    _i2s_gemm(w0, w1, w2, x, out0, out1, out2, threads * max(1, -(-stacked // (threads * PART_ROWS))))
+
+
+@numba.njit(parallel=True, **_JIT)
+def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray, parts: int) -> None:
+    """i2s_gemm with the stacked rows split into `parts` equal parts."""
+    m0, m1, m2 = w0.shape[0], w1.shape[0], w2.shape[0]
+    stacked = m0 + m1 + m2
+    n_tokens = x.shape[0]
+    width = min(n_tokens, PROMPT_TOKENS)
+    index = _group_index()
+    for part in prange(parts):
+        lo, hi = part * stacked // parts, (part + 1) * stacked // parts
+        tables = np.empty((BLOCK_BYTES, 81, width), np.int16)
+        xs, pairs = np.empty((4, width), np.int16), np.empty((18, width), np.int16)
+        acc = np.empty((hi - lo, width), np.int32)
+        partial = np.empty(width, np.int16)
+        for t0 in range(0, n_tokens, PROMPT_TOKENS):
+            tokens = min(PROMPT_TOKENS, n_tokens - t0)
+            acc[:] = 0
+            for block in range(x.shape[1] // BLOCK):
+                for j in range(BLOCK_BYTES):
+                    _group_table(x, t0, tokens, block, j, xs, pairs, tables[j])
+                for slot in range(3):
+                    w, base = (w0, 0) if slot == 0 else (w1, m0) if slot == 1 else (w2, m0 + m1)
+                    start, stop = max(lo, base) - base, min(hi, base + w.shape[0]) - base
+                    _table_rows(w, block, tables, index, x, t0, tokens, acc, base - lo, start, stop, partial)
+            for slot in range(3):
+                out, base = (out0, 0) if slot == 0 else (out1, m0) if slot == 1 else (out2, m0 + m1)
+                for m in range(max(lo, base) - base, min(hi, base + out.shape[1]) - base):
+                    total = acc[base + m - lo]
+                    for t in range(tokens):
+                        out[t0 + t, m] = np.float32(total[t])
 
 
 @numba.njit(inline="always", fastmath={"reassoc"})
@@ -452,7 +482,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
     i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_VEC, _F32_VEC, _F32_VEC, _F32_VEC),
-    i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
+    _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, types.Array(types.int8, 2, "C"), _F32_MAT, _F32_MAT, _F32_MAT,
+                types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
