@@ -38,18 +38,20 @@ def _exact(codes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (x.astype(np.int64) @ codes.T.astype(np.int64)).astype(np.float32)
 
 
-def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(decode kernel row by row, prompt kernel on all rows) for int8 activations x (T, K)."""
+def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(decode kernel token by token, decode kernel on all tokens, prompt kernel) for int8
+    activations x (T, K)."""
     rows = _rows(codes)
     x16 = x.astype(np.int16)
     none = _rows(np.zeros((0, codes.shape[1]), dtype=np.int8))
     one = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
     unused = np.empty((x.shape[0], 0), dtype=np.float32)
     for t in range(x.shape[0]):
-        nk.i2s_gemv(none, rows, none, x16[t], unused[t], one[t], unused[t])
-    many = np.empty_like(one)
+        nk.i2s_gemv(none, rows, none, x16[t : t + 1], unused[t : t + 1], one[t : t + 1], unused[t : t + 1])
+    few, many = np.empty_like(one), np.empty_like(one)
+    nk.i2s_gemv(none, rows, none, x16, unused, few, unused)
     nk.i2s_gemm(rows, none, none, x, many, unused, unused)
-    return one, many
+    return one, few, many
 
 
 @st.composite
@@ -74,9 +76,8 @@ def test_decode_and_prompt_kernels_are_exact(problem: tuple[np.ndarray, np.ndarr
     codes, x = problem
     nk.set_threads(threads)
     want = _exact(codes, x)
-    one, many = _products(codes, x)
-    np.testing.assert_array_equal(one, want)
-    np.testing.assert_array_equal(many, want)
+    for product in _products(codes, x):
+        np.testing.assert_array_equal(product, want)
 
 
 def test_a_group_of_three_weights_equals_each_alone() -> None:
@@ -88,7 +89,7 @@ def test_a_group_of_three_weights_equals_each_alone() -> None:
         x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
         outs = [np.empty((tokens, c.shape[0]), dtype=np.float32) for c in codes]
         if tokens == 1:
-            nk.i2s_gemv(*(_rows(c) for c in codes), x[0].astype(np.int16), *(o[0] for o in outs))
+            nk.i2s_gemv(*(_rows(c) for c in codes), x.astype(np.int16), *outs)
         else:
             nk.i2s_gemm(*(_rows(c) for c in codes), x, *outs)
         for c, o in zip(codes, outs, strict=True):
@@ -122,9 +123,8 @@ def test_extreme_sums(k: int, value: int) -> None:
     codes[2] = -value
     for x in (-128, 127):
         xs = np.full((2, k), x, dtype=np.int8)
-        one, many = _products(codes, xs)
-        np.testing.assert_array_equal(one, _exact(codes, xs))
-        np.testing.assert_array_equal(many, _exact(codes, xs))
+        for product in _products(codes, xs):
+            np.testing.assert_array_equal(product, _exact(codes, xs))
 
 
 def test_head_widens_f16_exactly() -> None:

@@ -3,8 +3,8 @@
 Resident memory is the memory map itself (n/4 bytes, 0.52 GB for the 2B4T): I2_S rows whose width
 is a multiple of 128 are passed to the kernels as they lie in the file. Other layouts (TQ1_0,
 TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
-row layout, rows padded with zero weights to whole blocks. One token uses the decode kernel
-(`i2s_gemv`, int16 products summed in int32), several the prompt kernel (`i2s_gemm`, lookups in
+row layout, rows padded with zero weights to whole blocks. One token or a few use the decode kernel
+(`i2s_gemv`, int16 products summed in int32), more the prompt kernel (`i2s_gemm`, lookups in
 tables of activation sums); both return exact integer products
 (numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
 """
@@ -20,6 +20,8 @@ from ..weights import TernaryWeight
 from .base import Backend
 from .fast import kernels, read_only, unavailable_reason
 from .i2s import BLOCK
+
+FEW_TOKENS = 24  # up to this many tokens the decode kernel is faster than the prompt kernel
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ class NumbaBackend(Backend):
         """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group."""
         fast = kernels()
         tokens, width = xq.shape[0], prepared[0].width
-        x = np.zeros((tokens, width), dtype=np.int16 if tokens == 1 else np.int8)
+        few = tokens <= FEW_TOKENS
+        x = np.zeros((tokens, width), dtype=np.int16 if few else np.int8)
         x[:, : prepared[0].k] = xq
         outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
         if tokens == 0:
@@ -77,8 +80,8 @@ class NumbaBackend(Backend):
             rows += [none] * (3 - len(rows))
             dest += [np.empty((tokens, 0), dtype=np.float32)] * (3 - len(dest))
             with fast.launch(self.threads):
-                if tokens == 1:
-                    fast.i2s_gemv(*rows, x[0], *(d[0] for d in dest))
+                if few:
+                    fast.i2s_gemv(*rows, x, *dest)
                 else:
                     fast.i2s_gemm(*rows, x, *dest)
         return outs

@@ -73,7 +73,8 @@ _i32 = np.int32
 _U8_ROWS = types.Array(types.uint8, 2, "C", readonly=True)
 _I16_ROWS_RO = types.Array(types.int16, 2, "C", readonly=True)
 _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
-_I16_VEC = types.Array(types.int16, 1, "C")
+_I16_MAT = types.Array(types.int16, 2, "C")
+_I8_MAT = types.Array(types.int8, 2, "C")
 _F32_VEC = types.Array(types.float32, 1, "C")
 _F32_MAT = types.Array(types.float32, 2, "C")
 _F32_CUBE = types.Array(types.float32, 3, "C")
@@ -129,14 +130,15 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
 
 @numba.njit(inline="always")
 def _planes(x: np.ndarray) -> np.ndarray:
-    """The activations in I2_S's byte order: planes[s, 32b + j] = x[128b + 32s + j], so the weight
-    under bit shift 6 - 2s of byte 32b + j multiplies planes[s, 32b + j]."""
-    k_len = x.shape[0]
-    planes = np.empty((4, k_len // 4), np.int16)
-    for b in range(k_len // BLOCK):
-        for s in range(4):
-            for j in range(BLOCK_BYTES):
-                planes[s, b * BLOCK_BYTES + j] = x[b * BLOCK + s * BLOCK_BYTES + j]
+    """Each token's activations in I2_S's byte order: planes[t, s, 32b + j] = x[t, 128b + 32s + j],
+    so the weight under bit shift 6 - 2s of byte 32b + j multiplies planes[t, s, 32b + j]."""
+    tokens, k_len = x.shape
+    planes = np.empty((tokens, 4, k_len // 4), np.int16)
+    for t in range(tokens):
+        for b in range(k_len // BLOCK):
+            for s in range(4):
+                for j in range(BLOCK_BYTES):
+                    planes[t, s, b * BLOCK_BYTES + j] = x[t, b * BLOCK + s * BLOCK_BYTES + j]
     return planes
 
 
@@ -157,25 +159,30 @@ def _row_dot(row: np.ndarray, p0: np.ndarray, p1: np.ndarray, p2: np.ndarray, p3
 
 
 @numba.njit(inline="always")
-def _gemv_rows(packed: np.ndarray, planes: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int) -> None:
-    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight."""
+def _gemv_rows(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarray, out: np.ndarray, start: int,
+               stop: int) -> None:
+    """out[t, m] = Σ_k w[m, k]·x[t, k] for rows start..stop of one weight, every token (a row is
+    read from memory once; the other tokens find it in the L1 cache)."""
     quarter = packed.shape[1]
     flat = packed.reshape(-1)
-    p0, p1, p2, p3 = planes[0], planes[1], planes[2], planes[3]
     for m in range(start, stop):
         _prefetch_row(flat, m + PREFETCH_ROWS, quarter)
-        out[m] = _row_dot(packed[m], p0, p1, p2, p3) - x_sum
+        row = packed[m]
+        for t in range(planes.shape[0]):
+            out[t, m] = _row_dot(row, planes[t, 0], planes[t, 1], planes[t, 2], planes[t, 3]) - x_sums[t]
 
 
 @numba.njit(parallel=True, **_JIT)
 def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
-    """out_i[m] = Σ_k w_i[m, k]·x[k] for one token and up to three weights that share it (q/k/v,
-    gate/up) in one parallel region; w_i (M_i, K/4) I2_S rows, x int16 (K,); an unused slot is a
-    (0, K/4) weight."""
-    x_sum = 0
-    for k in range(x.shape[0]):
-        x_sum += x[k]
+    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for one token or a few (x int16 (T, K), out_i float32
+    (T, M_i)) and up to three weights that share them (q/k/v, gate/up) in one parallel region; w_i
+    (M_i, K/4) I2_S rows; an unused slot is a (0, K/4) weight. Each product costs the same whatever
+    the number of tokens: past a few tokens the prompt kernel (`i2s_gemm`) is faster."""
+    x_sums = np.zeros(x.shape[0], np.int64)
+    for t in range(x.shape[0]):
+        for k in range(x.shape[1]):
+            x_sums[t] += x[t, k]
     planes = _planes(x)
     c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
@@ -183,13 +190,13 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     for chunk in prange(c0 + c1 + c2):
         if chunk < c0:
             start = chunk * DECODE_ROWS
-            _gemv_rows(w0, planes, x_sum, out0, start, min(w0.shape[0], start + DECODE_ROWS))
+            _gemv_rows(w0, planes, x_sums, out0, start, min(w0.shape[0], start + DECODE_ROWS))
         elif chunk < c0 + c1:
             start = (chunk - c0) * DECODE_ROWS
-            _gemv_rows(w1, planes, x_sum, out1, start, min(w1.shape[0], start + DECODE_ROWS))
+            _gemv_rows(w1, planes, x_sums, out1, start, min(w1.shape[0], start + DECODE_ROWS))
         else:
             start = (chunk - c0 - c1) * DECODE_ROWS
-            _gemv_rows(w2, planes, x_sum, out2, start, min(w2.shape[0], start + DECODE_ROWS))
+            _gemv_rows(w2, planes, x_sums, out2, start, min(w2.shape[0], start + DECODE_ROWS))
 
 
 @numba.njit(inline="always")
@@ -241,14 +248,15 @@ def _table_rows(packed: np.ndarray, block: int, tables: np.ndarray, index: np.nd
         row = packed[m]
         for t in range(tokens):
             partial[t] = 0
-        threes = 0
         for j in range(0, BLOCK_BYTES, 4):
-            b0, b1, b2, b3 = row[offset + j], row[offset + j + 1], row[offset + j + 2], row[offset + j + 3]
-            threes |= (b0 & (b0 >> 1)) | (b1 & (b1 >> 1)) | (b2 & (b2 >> 1)) | (b3 & (b3 >> 1))
-            e0, e1 = tables[j, index[b0]], tables[j + 1, index[b1]]
-            e2, e3 = tables[j + 2, index[b2]], tables[j + 3, index[b3]]
+            e0, e1 = tables[j, index[row[offset + j]]], tables[j + 1, index[row[offset + j + 1]]]
+            e2, e3 = tables[j + 2, index[row[offset + j + 2]]], tables[j + 3, index[row[offset + j + 3]]]
             for t in range(tokens):
                 partial[t] = _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t])
+        threes = 0
+        for j in range(BLOCK_BYTES):
+            byte = row[offset + j]
+            threes |= byte & (byte >> 1)
         total = acc[first + m]
         for t in range(tokens):
             total[t] += partial[t]
@@ -481,12 +489,11 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
-    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_VEC, _F32_VEC, _F32_VEC, _F32_VEC),
-    _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, types.Array(types.int8, 2, "C"), _F32_MAT, _F32_MAT, _F32_MAT,
-                types.intp),
+    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
+    _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
-    rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, types.Array(types.int8, 2, "C"), _F32_VEC),
+    rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
     attention: (_F32_CUBE, _F32_CUBE, _F32_CUBE, types.Array(types.boolean, 2, "C"), types.float32, _F32_CUBE),
 }
 
