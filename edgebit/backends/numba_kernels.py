@@ -62,7 +62,7 @@ LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
 DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
-PROMPT_TOKENS = 128  # tokens per set of block tables in the prompt kernel
+PROMPT_TOKENS = 128  # at most this many tokens per set of block tables in the prompt kernel
 PART_ROWS = 4096  # at most this many rows per parallel part of the prompt kernel
 HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
 PREFETCH_ROWS = 4  # rows ahead that streaming kernels ask the memory system for
@@ -294,7 +294,8 @@ def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     m0, m1, m2 = w0.shape[0], w1.shape[0], w2.shape[0]
     stacked = m0 + m1 + m2
     n_tokens = x.shape[0]
-    width = min(n_tokens, PROMPT_TOKENS)
+    tiles = max(1, -(-n_tokens // PROMPT_TOKENS))
+    width = max(1, -(-n_tokens // tiles))  # equal tiles of at most PROMPT_TOKENS tokens
     index = _group_index()
     for part in prange(parts):
         lo, hi = part * stacked // parts, (part + 1) * stacked // parts
@@ -302,8 +303,8 @@ def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
         xs, pairs = np.empty((4, width), np.int16), np.empty((18, width), np.int16)
         acc = np.empty((hi - lo, width), np.int32)
         partial = np.empty(width, np.int16)
-        for t0 in range(0, n_tokens, PROMPT_TOKENS):
-            tokens = min(PROMPT_TOKENS, n_tokens - t0)
+        for t0 in range(0, n_tokens, width):
+            tokens = min(width, n_tokens - t0)
             acc[:] = 0
             for block in range(x.shape[1] // BLOCK):
                 for j in range(BLOCK_BYTES):
