@@ -118,6 +118,43 @@ def _half_to_float(typingctx, bits):  # noqa: ARG001
     return types.float32(types.int16), codegen
 
 
+@intrinsic
+def _float_from_bits(typingctx, bits):  # noqa: ARG001
+    """The float32 whose IEEE bits are `bits` (int32): LLVM's `bitcast`, no conversion."""
+    if bits != types.int32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HIGH = np.float32(0.693359375)  # ln 2 in two parts: n · high is exact for |n| < 2**11
+_LN2_LOW = np.float32(-2.12194440e-4)
+
+
+@numba.njit
+def _exp_nonpositive(x: np.float32) -> np.float32:
+    """exp(x) for x ≤ 0 within 1 ulp (x < -87 gives exp(-87) ≈ 1.6e-38 instead of smaller): a
+    softmax numerator. Plain float arithmetic and a bit cast, so LLVM vectorizes a loop of them
+    (numba's np.exp is a scalar library call). Range reduction x = n·ln2 + r, |r| ≤ ln2/2, a
+    degree-7 polynomial for exp(r) (Cephes' expf coefficients), and 2**n from its exponent bits.
+    Compiled on its own, without fast-math, so the reduction's two steps keep their order."""
+    x = max(x, np.float32(-87.0))
+    n = np.floor(x * _LOG2E + np.float32(0.5))
+    r = (x - n * _LN2_HIGH) - n * _LN2_LOW
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * (r * r) + r + np.float32(1.0)
+    return p * _float_from_bits(_i32((_i32(n) + _i32(127)) << 23))
+
+
 @numba.njit(inline="always")
 def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
     """Prefetch every 64-byte line of row `row` of a row-major array (nothing past the end)."""
@@ -451,7 +488,9 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
 
     A row's scores, softmax and weighted sum visit its visible keys in position order, so its
     numbers do not depend on which other rows share the call (prompt, token by token, token tree).
-    The dot products over d may be reassociated (vectorized), as the LM head's are.
+    The dot products over d may be reassociated (vectorized), as the LM head's are; the softmax's
+    exp is `_exp_nonpositive` (within an ulp, vectorized), and the weighted sum adds two keys per
+    pass, in position order.
     """
     n_head, tokens, dim = q.shape
     n_rep = n_head // keys.shape[0]
@@ -477,15 +516,19 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
             best = max(best, scores[i])
         norm = np.float32(0)
         for i in range(n):
-            scores[i] = np.exp(scores[i] - best)
+            scores[i] = _exp_nonpositive(scores[i] - best)
             norm += scores[i]
         row = out[t, h]
         row[:] = 0
-        for i in range(n):
-            p = scores[i] / norm
-            value = values[kv, visible[i]]
+        for i in range(0, n - 1, 2):  # two keys per pass: half the store-to-load chains through row
+            p0, p1 = scores[i] / norm, scores[i + 1] / norm
+            v0, v1 = values[kv, visible[i]], values[kv, visible[i + 1]]
             for d in range(dim):
-                row[d] += p * value[d]
+                row[d] += p0 * v0[d] + p1 * v1[d]
+        if n % 2:
+            p0, v0 = scores[n - 1] / norm, values[kv, visible[n - 1]]
+            for d in range(dim):
+                row[d] += p0 * v0[d]
 
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
