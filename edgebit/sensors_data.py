@@ -211,15 +211,27 @@ def _unit_text(r: Reading, rng: random.Random) -> str:
     return " " + q.unit if rng.random() < 0.8 else q.unit
 
 
-# Phrasings of one reading: (word, number+unit) → text. Disjoint between the splits.
+# Phrasings of one reading: (word, number+unit) → text. Disjoint between the splits. The training
+# split has many, word-first and value-first, so the model learns that the connecting words do not
+# matter, and " - " as a separator as well as a minus sign; the held-out phrasings, joiners and
+# leads are none of them.
 PHRASES: dict[str, list[Callable[[str, str], str]]] = {
     "train": [lambda w, v: f"{w} {v}", lambda w, v: f"{w}: {v}", lambda w, v: f"{w}={v}",
-              lambda w, v: f"{w} is {v}", lambda w, v: f"{w} now {v}"],
+              lambda w, v: f"{w} is {v}", lambda w, v: f"{w} now {v}", lambda w, v: f"{w} was {v}",
+              lambda w, v: f"{w} of {v}", lambda w, v: f"{w} ~ {v}", lambda w, v: f"{w} measured {v}",
+              lambda w, v: f"{w} currently {v}", lambda w, v: f"{w} => {v}", lambda w, v: f"{w} ({v})",
+              lambda w, v: f"{w} value {v}", lambda w, v: f"{w} showing {v}", lambda w, v: f"{w} hit {v}",
+              lambda w, v: f"{v} for {w}", lambda w, v: f"{v} ({w})", lambda w, v: f"{v}, {w}",
+              lambda w, v: f"{v} on {w}", lambda w, v: f"{v} is the {w}", lambda w, v: f"{v} measured {w}",
+              lambda w, v: f"{w} \u2013 {v}", lambda w, v: f"{w} -- {v}"],
     "eval": [lambda w, v: f"{w} at {v}", lambda w, v: f"{w} reads {v}", lambda w, v: f"{w} - {v}",
              lambda w, v: f"{v} {w}"],
 }
-JOINERS = {"train": [", ", "; ", " and ", " | "], "eval": [" / ", ", then ", " + "]}
-LEADS = {"train": ["{dev} ", "{dev}: ", "", "[{dev}] "], "eval": ["from {dev}: ", "{dev} reports ", "{dev} -> "]}
+JOINERS = {"train": [", ", "; ", " and ", " | ", " & ", ". ", " also ", " with ", " ;; ", " plus ", " - "],
+           "eval": [" / ", ", then ", " + "]}
+LEADS = {"train": ["{dev} ", "{dev}: ", "", "[{dev}] ", "{dev} says ", "{dev} update: ", "<{dev}> ", "{dev} >> ",
+                   "{dev} sent ", "{dev}, ", "msg {dev}: ", "{dev} status ", "{dev} - ", "{dev} => "],
+         "eval": ["from {dev}: ", "{dev} reports ", "{dev} -> "]}
 
 
 def _text(rng: random.Random, readings: list[Reading], dev: str, split: str) -> str:

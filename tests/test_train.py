@@ -3,6 +3,7 @@ and a trained classifier carries its prompt and labels to `Model.classify`."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ torch = pytest.importorskip("torch")
 import edgebit
 from edgebit import train
 from edgebit.sensors_data import LABELS, TEMPLATE, generate
+from edgebit.tokenizer import Tokenizer
 
 SMALL = train.TrainConfig(n_vocab=384, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_ff=128, n_ctx=96, steps=30,
                           batch=16, eval_every=0, threads=1)
@@ -82,3 +84,35 @@ def test_label_sequence_starts_where_the_label_starts(trained: tuple) -> None:
 def test_training_reports_held_out_accuracy(trained: tuple) -> None:
     _, _, report, _ = trained
     assert 0.0 <= report["accuracy"] <= 1.0 and report["train_sequences"] == 300
+
+
+def test_noise_tokens_go_inside_the_message_only(trained: tuple) -> None:
+    """with_noise inserts 1-3 filler tokens (no digits, no control tokens) between BOS and the
+    template's tail, moves the label start with them, keeps every label token, and never makes a
+    sequence longer than n_ctx."""
+    _, meta, _, _ = trained
+    tok = Tokenizer.from_metadata(meta, source="test")
+    fillers = train.filler_tokens(tok)
+    assert fillers and not any(tok.is_special(i) or any(chr(b).isdigit() for b in tok.token_bytes(i))
+                               for i in fillers)
+    rows = [(e.text, e.label) for e in generate(40, "train", seed=5)]
+    data = train.encode_dataset(tok, TEMPLATE, rows, LABELS, n_ctx=96)
+    noisy = train.with_noise(data, range(len(data.ids)), fillers, 1.0, random.Random(0), n_ctx=96)
+    grown = 0
+    for r, ids in enumerate(noisy.ids):
+        before, start = data.ids[r], data.starts[r]
+        added = len(ids) - len(before)
+        grown += added > 0
+        assert 0 <= added <= 3 and len(ids) <= 96 and noisy.starts[r] == start + added
+        assert ids[0] == before[0] and ids[-(len(before) - start + 4):] == before[start - 4:]  # tail + label
+        assert noisy.label_ids[r] == data.label_ids[r]
+    assert grown > len(noisy.ids) // 2
+
+
+def test_training_is_reproducible_on_two_threads(rows: list[tuple[str, str]]) -> None:
+    """Same data, seed and thread count: bit-identical weights (the bundled model's recipe trains on
+    two threads; deterministic algorithms keep the embedding's backward in a fixed order)."""
+    config = train.TrainConfig(**{**SMALL.__dict__, "threads": 2, "steps": 12})
+    runs = [train.train(config, rows[:200], [], LABELS, TEMPLATE, log=lambda _: None)[0] for _ in range(2)]
+    for a, b in zip(runs[0].parameters(), runs[1].parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -116,7 +116,7 @@ def _report(path: str, held_out: list, labels: list[str]) -> None:
               help="Prompt template with {text}, stored in the model [default: '{text}\\nlabel:'].")
 @click.option("--held-out", type=click.FloatRange(0.0, 0.5), default=0.1, show_default=True,
               help="Fraction of DATA kept out of training for the accuracy report.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 1500].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 6000].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--sensors", is_flag=True,
               help="Train on the built-in sensor generator instead of DATA: rebuilds the bundled edgebit-sensors.")
@@ -162,7 +162,7 @@ def train_cmd(data: str | None, output: str, labels: str | None, template: str |
               help="Also write the teacher's labels as JSON lines (to inspect or reuse with `edgebit train`).")
 @click.option("--template", default=None, help="The student's prompt template [default: '{text}\\nlabel:'].")
 @click.option("--held-out", type=click.FloatRange(0.0, 0.5), default=0.1, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 1500].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimiser steps [default: 6000].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @progress_option
 def distill(data: str, teacher: str, labels: str, prompt: str | None, output: str, save_labels: str | None,
