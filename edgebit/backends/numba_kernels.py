@@ -62,7 +62,8 @@ LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
 DECODE_ROWS = 16  # rows per parallel work item of the decode kernel
-PROMPT_TOKENS = 128  # at most this many tokens per set of block tables in the prompt kernel
+PROMPT_TOKENS = 128  # tokens per set of block tables in the prompt kernel
+TOKEN_STEP = 64  # its token lanes come in multiples of this: a whole number of the vector loop's passes
 PART_ROWS = 4096  # at most this many rows per parallel part of the prompt kernel
 HEAD_ROWS = 64  # vocabulary rows per parallel work item of the LM head
 PREFETCH_ROWS = 4  # rows ahead that streaming kernels ask the memory system for
@@ -252,50 +253,54 @@ def _group_index() -> np.ndarray:
 
 
 @numba.njit(inline="always")
-def _group_table(x: np.ndarray, t0: int, tokens: int, block: int, j: int, xs: np.ndarray, pairs: np.ndarray,
-                 table: np.ndarray) -> None:
+def _group_table(x: np.ndarray, t0: int, tokens: int, lanes: int, block: int, j: int, xs: np.ndarray,
+                 pairs: np.ndarray, table: np.ndarray) -> None:
     """table[i, t] = Σ_s (c_s - 1)·x[t0 + t, 128·block + 32s + j] for the 81 code combinations i of
-    byte j of the block: two 9-entry tables of pairs, then every pair of pairs added."""
+    byte j of the block, t < lanes (activations past `tokens` taken as 0): two 9-entry tables of
+    pairs, then every pair of pairs added."""
     k = block * BLOCK + j
     for s in range(4):
         for t in range(tokens):
             xs[s, t] = x[t0 + t, k + BLOCK_BYTES * s]
+        for t in range(tokens, lanes):
+            xs[s, t] = 0
     for c0 in range(3):
         for c1 in range(3):
             high, low = pairs[c0 * 3 + c1], pairs[9 + c0 * 3 + c1]
-            for t in range(tokens):
+            for t in range(lanes):
                 high[t] = _i16((c0 - 1) * xs[0, t] + (c1 - 1) * xs[1, t])
                 low[t] = _i16((c0 - 1) * xs[2, t] + (c1 - 1) * xs[3, t])
     for h in range(9):
         high = pairs[h]
         for lo in range(9):
             low, entry = pairs[9 + lo], table[h * 9 + lo]
-            for t in range(tokens):
+            for t in range(lanes):
                 entry[t] = _i16(high[t] + low[t])
 
 
 @numba.njit(inline="always")
 def _table_rows(packed: np.ndarray, block: int, tables: np.ndarray, index: np.ndarray, x: np.ndarray, t0: int,
-                tokens: int, acc: np.ndarray, first: int, start: int, stop: int, partial: np.ndarray) -> None:
-    """acc[first + m, :tokens] += Σ over block `block` of row m, for rows start..stop of one weight:
-    each byte of the row picks one entry of its group's table, four bytes per pass over the tokens.
+                tokens: int, lanes: int, acc: np.ndarray, first: int, start: int, stop: int,
+                partial: np.ndarray) -> None:
+    """acc[first + m, :lanes] += Σ over block `block` of row m, for rows start..stop of one weight:
+    each byte of the row picks one entry of its group's table, four bytes per pass over the lanes.
     The int16 partial sum of a block is at most 32 · 4 · 128 = 16384 in size."""
     offset = block * BLOCK_BYTES
     for m in range(start, stop):
         row = packed[m]
-        for t in range(tokens):
+        for t in range(lanes):
             partial[t] = 0
         for j in range(0, BLOCK_BYTES, 4):
             e0, e1 = tables[j, index[row[offset + j]]], tables[j + 1, index[row[offset + j + 1]]]
             e2, e3 = tables[j + 2, index[row[offset + j + 2]]], tables[j + 3, index[row[offset + j + 3]]]
-            for t in range(tokens):
+            for t in range(lanes):
                 partial[t] = _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t])
         threes = 0
         for j in range(BLOCK_BYTES):
             byte = row[offset + j]
             threes |= byte & (byte >> 1)
         total = acc[first + m]
-        for t in range(tokens):
+        for t in range(lanes):
             total[t] += partial[t]
         if threes & 0x55:  # a code 3 somewhere in this block of the row: weight 2, its activation once more
             for j in range(BLOCK_BYTES):
@@ -331,8 +336,7 @@ def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     m0, m1, m2 = w0.shape[0], w1.shape[0], w2.shape[0]
     stacked = m0 + m1 + m2
     n_tokens = x.shape[0]
-    tiles = max(1, -(-n_tokens // PROMPT_TOKENS))
-    width = max(1, -(-n_tokens // tiles))  # equal tiles of at most PROMPT_TOKENS tokens
+    width = min(PROMPT_TOKENS, max(1, -(-n_tokens // TOKEN_STEP)) * TOKEN_STEP)
     index = _group_index()
     for part in prange(parts):
         lo, hi = part * stacked // parts, (part + 1) * stacked // parts
@@ -340,16 +344,17 @@ def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
         xs, pairs = np.empty((4, width), np.int16), np.empty((18, width), np.int16)
         acc = np.empty((hi - lo, width), np.int32)
         partial = np.empty(width, np.int16)
-        for t0 in range(0, n_tokens, width):
-            tokens = min(width, n_tokens - t0)
+        for t0 in range(0, n_tokens, PROMPT_TOKENS):
+            tokens = min(PROMPT_TOKENS, n_tokens - t0)
+            lanes = -(-tokens // TOKEN_STEP) * TOKEN_STEP  # tokens past the last one are zeros
             acc[:] = 0
             for block in range(x.shape[1] // BLOCK):
                 for j in range(BLOCK_BYTES):
-                    _group_table(x, t0, tokens, block, j, xs, pairs, tables[j])
+                    _group_table(x, t0, tokens, lanes, block, j, xs, pairs, tables[j])
                 for slot in range(3):
                     w, base = (w0, 0) if slot == 0 else (w1, m0) if slot == 1 else (w2, m0 + m1)
                     start, stop = max(lo, base) - base, min(hi, base + w.shape[0]) - base
-                    _table_rows(w, block, tables, index, x, t0, tokens, acc, base - lo, start, stop, partial)
+                    _table_rows(w, block, tables, index, x, t0, tokens, lanes, acc, base - lo, start, stop, partial)
             for slot in range(3):
                 out, base = (out0, 0) if slot == 0 else (out1, m0) if slot == 1 else (out2, m0 + m1)
                 for m in range(max(lo, base) - base, min(hi, base + out.shape[1]) - base):
