@@ -13,11 +13,11 @@ broker, the normal node, one request per message, all sent at once: the node mic
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 
 import edgebit
+from edgebit.backends.machine import detect
 from edgebit.demo import Demo
 from edgebit.evaluate import Report, breakdown, evaluate
 from edgebit.registry import bundled
@@ -64,8 +64,9 @@ def main() -> None:
     speeds = {b: throughput(model, texts, b) for b in (1, 16, 64)}
     demo = Demo(path, count=args.mqtt, rate=0, threads=args.threads, out=lambda _: None).run()
 
+    machine = detect()
     out = [f"# edgebit-sensors: accuracy and speed ({time.strftime('%Y-%m-%d')})", "",
-           f"Machine: {platform.machine()}, {platform.processor() or '?'}, threads {args.threads}; "
+           f"Machine: {machine.arch}, {machine.cpu_model}, {machine.cpus} cores, threads {args.threads}; "
            f"backend {model.info['backend']}; model {Path(path).name} ({Path(path).stat().st_size / 1e6:.2f} MB).",
            "Command: `python benchmarks/micro_sensors.py`", "",
            f"## Held-out accuracy: {report.accuracy:.4f} ({report.correct}/{report.total})", "",
