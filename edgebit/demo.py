@@ -47,13 +47,14 @@ class Summary:
         lat = sorted(self.latencies)
 
         def pct(q: float) -> float:
-            return lat[min(len(lat) - 1, int(q * len(lat)))] if lat else float("nan")
+            return lat[min(len(lat) - 1, int(q * len(lat)))]
 
         rate = self.answered / self.seconds if self.seconds else 0.0
-        acc = self.agreed / self.answered if self.answered else 0.0
-        return [f"summary: {self.answered}/{self.sent} readings answered in {self.seconds:.1f} s "
-                f"({rate:.1f} msg/s), {self.errors} errors",
-                f"agreement with the generator's labels: {acc:.1%}",
+        lines = [f"summary: {self.answered}/{self.sent} readings answered in {self.seconds:.1f} s "
+                 f"({rate:.1f} msg/s), {self.errors} errors"]
+        if not self.answered:  # stopped before the first answer (e.g. while the kernels compiled)
+            return lines
+        return [*lines, f"agreement with the generator's labels: {self.agreed / self.answered:.1%}",
                 f"latency ms: p50 {pct(0.5):.1f}, p95 {pct(0.95):.1f}, max {pct(1.0):.1f}"]
 
 

@@ -54,3 +54,12 @@ def test_demo_stops_cleanly_on_ctrl_c(micro_classifier: Path) -> None:
     assert proc.returncode == 130, err
     assert "summary:" in out and "Traceback" not in err
     assert "stopped (interrupted)" in err
+
+
+def test_summary_of_a_run_stopped_before_any_answer_has_no_empty_statistics() -> None:
+    from edgebit.demo import Summary
+
+    lines = Summary(sent=3).lines()
+    assert lines == ["summary: 0/3 readings answered in 0.0 s (0.0 msg/s), 0 errors"]
+    answered = Summary(sent=2, answered=2, agreed=1, latencies=[5.0, 7.0], seconds=1.0).lines()
+    assert answered[1:] == ["agreement with the generator's labels: 50.0%", "latency ms: p50 7.0, p95 7.0, max 7.0"]
