@@ -27,8 +27,8 @@ BLAS's does, but not on the ternary backend, the batch or the thread count.
 RMSNorm + quantisation (`rmsnorm_quantize`) repeats numpy's operations in numpy's order, pairwise
 summation included, so it gives the numpy forward pass's numbers exactly.
 
-Two generic LLVM operations are emitted directly (`_prefetch`, `_half_to_float`): neither is
-specific to a CPU; LLVM lowers both for x86 and ARM.
+Three generic LLVM operations are emitted directly (`_prefetch`, `_half_to_float`,
+`_float_from_bits`): none is specific to a CPU; LLVM lowers them for x86 and ARM.
 """
 
 from __future__ import annotations
