@@ -21,7 +21,7 @@ from .base import Backend
 from .fast import kernels, read_only, unavailable_reason
 from .i2s import BLOCK
 
-FEW_TOKENS = 48  # up to this many tokens the decode kernel is faster than the prompt kernel
+FEW_TOKENS = 64  # up to this many tokens the decode kernel is faster than the prompt kernel
 
 
 @dataclass(frozen=True)
