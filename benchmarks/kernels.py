@@ -44,7 +44,7 @@ def time_layer(kernel: str, calls: list, tokens: int, rng: np.random.Generator, 
     fast = kernels()
     prepared = []
     for rows, k in calls:
-        x = rng.integers(-127, 128, size=(tokens, k)).astype(np.int16 if kernel == "gemv" else np.int8)
+        x = rng.integers(-127, 128, size=(tokens, k)).astype(np.int8)
         none = read_only(np.empty((0, k // 4), np.uint8))
         slots = [*rows, *[none] * (3 - len(rows))]
         outs = [np.empty((tokens, r.shape[0]), np.float32) for r in slots]

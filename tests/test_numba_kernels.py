@@ -42,14 +42,13 @@ def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray,
     """(decode kernel token by token, decode kernel on all tokens, prompt kernel) for int8
     activations x (T, K)."""
     rows = _rows(codes)
-    x16 = x.astype(np.int16)
     none = _rows(np.zeros((0, codes.shape[1]), dtype=np.int8))
     one = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
     unused = np.empty((x.shape[0], 0), dtype=np.float32)
     for t in range(x.shape[0]):
-        nk.i2s_gemv(none, rows, none, x16[t : t + 1], unused[t : t + 1], one[t : t + 1], unused[t : t + 1])
+        nk.i2s_gemv(none, rows, none, x[t : t + 1], unused[t : t + 1], one[t : t + 1], unused[t : t + 1])
     few, many = np.empty_like(one), np.empty_like(one)
-    nk.i2s_gemv(none, rows, none, x16, unused, few, unused)
+    nk.i2s_gemv(none, rows, none, x, unused, few, unused)
     nk.i2s_gemm(rows, none, none, x, many, unused, unused)
     return one, few, many
 
@@ -89,7 +88,7 @@ def test_a_group_of_three_weights_equals_each_alone() -> None:
         x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
         outs = [np.empty((tokens, c.shape[0]), dtype=np.float32) for c in codes]
         if tokens == 1:
-            nk.i2s_gemv(*(_rows(c) for c in codes), x.astype(np.int16), *outs)
+            nk.i2s_gemv(*(_rows(c) for c in codes), x, *outs)
         else:
             nk.i2s_gemm(*(_rows(c) for c in codes), x, *outs)
         for c, o in zip(codes, outs, strict=True):

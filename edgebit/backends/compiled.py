@@ -11,6 +11,7 @@ tables of activation sums); both return exact integer products
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,24 +65,33 @@ class NumbaBackend(Backend):
         return self.matmul_group([prepared], xq)[0]
 
     def matmul_group(self, prepared: list[PackedRows], xq: np.ndarray) -> list[np.ndarray]:
-        """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group."""
+        """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group.
+
+        A generated token makes 120 of these calls, so nothing is copied or allocated here that the
+        kernels do not need: int8 activations go in as they are unless the rows were padded."""
         fast = kernels()
-        tokens, width = xq.shape[0], prepared[0].width
-        few = tokens <= FEW_TOKENS
-        x = np.zeros((tokens, width), dtype=np.int16 if few else np.int8)
-        x[:, : prepared[0].k] = xq
+        tokens, width, k = xq.shape[0], prepared[0].width, prepared[0].k
+        if k == width and xq.dtype == np.int8 and xq.flags.c_contiguous:
+            x = xq
+        else:
+            x = np.zeros((tokens, width), dtype=np.int8)
+            x[:, :k] = xq
         outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
         if tokens == 0:
             return outs
-        none = read_only(np.empty((0, width // 4), dtype=np.uint8))
+        run = fast.i2s_gemv if tokens <= FEW_TOKENS else fast.i2s_gemm
+        unused_rows, unused_out = _unused_rows(width), np.empty((tokens, 0), dtype=np.float32)
         for first in range(0, len(prepared), 3):
             rows = [p.rows for p in prepared[first : first + 3]]
             dest = outs[first : first + 3]
-            rows += [none] * (3 - len(rows))
-            dest += [np.empty((tokens, 0), dtype=np.float32)] * (3 - len(dest))
+            rows += [unused_rows] * (3 - len(rows))
+            dest += [unused_out] * (3 - len(dest))
             with fast.launch(self.threads):
-                if few:
-                    fast.i2s_gemv(*rows, x, *dest)
-                else:
-                    fast.i2s_gemm(*rows, x, *dest)
+                run(*rows, x, *dest)
         return outs
+
+
+@functools.cache
+def _unused_rows(width: int) -> np.ndarray:
+    """The (0, width/4) weight that fills an unused slot of a kernel call."""
+    return read_only(np.empty((0, width // 4), dtype=np.uint8))

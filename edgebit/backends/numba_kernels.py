@@ -80,7 +80,6 @@ _i32 = np.int32
 _U8_ROWS = types.Array(types.uint8, 2, "C", readonly=True)
 _I16_ROWS_RO = types.Array(types.int16, 2, "C", readonly=True)
 _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
-_I16_MAT = types.Array(types.int16, 2, "C")
 _I8_MAT = types.Array(types.int8, 2, "C")
 _F32_VEC = types.Array(types.float32, 1, "C")
 _F32_MAT = types.Array(types.float32, 2, "C")
@@ -173,8 +172,9 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
 
 
 @numba.njit(inline="always")
-def _planes(x: np.ndarray) -> np.ndarray:
-    """Each token's activations in the order the decode kernel meets the codes: eight planes of K/8.
+def _planes(x: np.ndarray, x_sums: np.ndarray) -> np.ndarray:
+    """Each token's int8 activations widened to int16 in the order the decode kernel meets the
+    codes, eight planes of K/8, and their sums (x_sums[t] = Σ_k x[t, k]).
 
     The kernel reads a row as little-endian 16-bit words (word 16b + i = bytes 32b + 2i and
     32b + 2i + 1 of block b) and cuts eight codes out of each word: shifts 6, 4, 2, 0 of the low byte,
@@ -185,11 +185,15 @@ def _planes(x: np.ndarray) -> np.ndarray:
     half = BLOCK_BYTES // 2
     planes = np.empty((tokens, k_len), np.int16)
     for t in range(tokens):
+        total = 0
         for b in range(k_len // BLOCK):
             for h in range(2):
                 for s in range(4):
                     for i in range(half):
-                        planes[t, (4 * h + s) * eighth + b * half + i] = x[t, b * BLOCK + s * BLOCK_BYTES + 2 * i + h]
+                        value = x[t, b * BLOCK + s * BLOCK_BYTES + 2 * i + h]
+                        planes[t, (4 * h + s) * eighth + b * half + i] = value
+                        total += value
+        x_sums[t] = total
     return planes
 
 
@@ -263,16 +267,13 @@ def _gemv_rows_unpacked(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarr
 @numba.njit(parallel=True, **_JIT)
 def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
-    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for one token or a few (x int16 (T, K), out_i float32
+    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for one token or a few (x int8 (T, K), out_i float32
     (T, M_i)) and up to three weights that share them (q/k/v, gate/up) in one parallel region; w_i
     (M_i, K/4) I2_S rows; an unused slot is a (0, K/4) weight. Every weight byte is read once
     whatever the number of tokens; past a few dozen tokens the prompt kernel (`i2s_gemm`) is faster."""
     tokens = x.shape[0]
-    x_sums = np.zeros(tokens, np.int64)
-    for t in range(tokens):
-        for k in range(x.shape[1]):
-            x_sums[t] += x[t, k]
-    planes = _planes(x)
+    x_sums = np.empty(tokens, np.int64)
+    planes = _planes(x, x_sums)
     w0, w1, w2 = w0.view(np.uint16), w1.view(np.uint16), w2.view(np.uint16)  # rows as 16-bit words
     c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
@@ -591,7 +592,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
-    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I16_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
+    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
     _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
