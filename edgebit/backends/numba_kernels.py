@@ -12,9 +12,12 @@ of four weights at bit shifts 6, 4, 2, 0:
     byte 32b + j  =  c[128b + j] << 6 | c[128b + 32 + j] << 4 | c[128b + 64 + j] << 2 | c[128b + 96 + j]
 
 Exactness. Activations are integers with |x| ≤ 128. The decode kernel multiplies the unsigned codes,
-Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. It sums int16 × int16 products in int32: with
-codes ≤ 3 a row's sum is bounded by 3·128·K, far below 2**31, and for K < 43690 below 2**24, so
-the float32 result is the exact integer. The prompt kernel adds table entries instead of
+Σ c·x = Σ w·x + Σ x, and subtracts Σ x once per row. It leaves each code where it lies in its byte,
+c·4^j for a code under shift 2j, and meets it with the activation times 4^(3-j), so every product
+is 64·c·x (|64·c·x| ≤ 24576: int16 × int16 products, LLVM's pmaddwd) and one int32 sum, divided by
+64 at the end, is exact: 64·3·128·K < 2**31 for K < 87381. A row's result is at most 3·128·K in
+size, below 2**24 for K < 43690, so its float32 value is the exact integer.
+The prompt kernel adds table entries instead of
 multiplying: an entry is a sum of four int8 activations with signs (|entry| ≤ 512, int16), a block's
 32 entries per row sum to at most 16384 in size (int16), and blocks are added up in int32. A code
 3 (weight +2, only in a damaged file) is looked up as a 2 and its activation added once more.
@@ -173,13 +176,14 @@ def _prefetch_row(flat: np.ndarray, row: int, row_elements: int) -> None:
 
 @numba.njit(inline="always")
 def _planes(x: np.ndarray, x_sums: np.ndarray) -> np.ndarray:
-    """Each token's int8 activations widened to int16 in the order the decode kernel meets the
+    """Each token's int8 activations as int16 planes in the order the decode kernel meets the
     codes, eight planes of K/8, and their sums (x_sums[t] = Σ_k x[t, k]).
 
     The kernel reads a row as little-endian 16-bit words (word 16b + i = bytes 32b + 2i and
-    32b + 2i + 1 of block b) and cuts eight codes out of each word: shifts 6, 4, 2, 0 of the low byte,
-    then 14, 12, 10, 8 of the high byte. Plane p = 4h + s holds, at word n = 16b + i, the
-    activation of the weight under shift 6 - 2s of byte 32b + 2i + h: x[t, 128b + 32s + 2i + h]."""
+    32b + 2i + 1 of block b) and masks eight codes out of each word, leaving them in place: the
+    low byte's codes under shifts 6, 4, 2, 0, then the high byte's. Plane p = 4h + s holds, at word
+    n = 16b + i, the activation of the code under shift 6 - 2s of byte 32b + 2i + h, times 4^s
+    (at most 128·64 = 8192): 4^s·x[t, 128b + 32s + 2i + h]. Each product is then 64·c·x."""
     tokens, k_len = x.shape
     eighth = k_len // 8
     half = BLOCK_BYTES // 2
@@ -191,7 +195,7 @@ def _planes(x: np.ndarray, x_sums: np.ndarray) -> np.ndarray:
                 for s in range(4):
                     for i in range(half):
                         value = x[t, b * BLOCK + s * BLOCK_BYTES + 2 * i + h]
-                        planes[t, (4 * h + s) * eighth + b * half + i] = value
+                        planes[t, (4 * h + s) * eighth + b * half + i] = value << (2 * s)
                         total += value
         x_sums[t] = total
     return planes
@@ -202,8 +206,9 @@ def _row_dot(row: np.ndarray, plane: np.ndarray) -> np.int32:
     """Σ c·x over one I2_S row given as 16-bit words (codes c = w + 1) against one token's planes.
 
     One int32 sum of int16 × int16 products: LLVM turns it into pmaddwd/vpdpwssd (NEON: smlal).
-    Cutting the codes out of 16-bit lanes needs only shifts and masks; from bytes, every code had
-    to be widened to 16 bits first (Zen 3, one core: 17 → 25 G MAC/s on 6912×2560). Products
+    Masking each code where it lies, against planes scaled to match, needs one shift per word
+    instead of one per code (Zen 3, one core: 33-41 → 43-48 G MAC/s on the 2B4T shapes); shifted
+    codes from bytes had to be widened to 16 bits first (17 → 25 G MAC/s on 6912×2560). Products
     widened to 32 bits first, or numba's default int64 sums, vectorize at half the rate or worse.
     """
     n_words = row.shape[0]
@@ -213,34 +218,35 @@ def _row_dot(row: np.ndarray, plane: np.ndarray) -> np.int32:
         plane[6 * n_words : 7 * n_words], plane[7 * n_words :]
     total = _i32(0)
     for n in range(n_words):
-        word = row[n]
-        total = _i32(total + _i32(_i16((word >> 6) & 3)) * _i32(p0[n]) + _i32(_i16((word >> 4) & 3)) * _i32(p1[n])
-                     + _i32(_i16((word >> 2) & 3)) * _i32(p2[n]) + _i32(_i16(word & 3)) * _i32(p3[n])
-                     + _i32(_i16((word >> 14) & 3)) * _i32(p4[n]) + _i32(_i16((word >> 12) & 3)) * _i32(p5[n])
-                     + _i32(_i16((word >> 10) & 3)) * _i32(p6[n]) + _i32(_i16((word >> 8) & 3)) * _i32(p7[n]))
-    return total
+        low, high = row[n], row[n] >> 8
+        total = _i32(total + _i32(_i16(low & 0xC0)) * _i32(p0[n]) + _i32(_i16(low & 0x30)) * _i32(p1[n])
+                     + _i32(_i16(low & 0x0C)) * _i32(p2[n]) + _i32(_i16(low & 0x03)) * _i32(p3[n])
+                     + _i32(_i16(high & 0xC0)) * _i32(p4[n]) + _i32(_i16(high & 0x30)) * _i32(p5[n])
+                     + _i32(_i16(high & 0x0C)) * _i32(p6[n]) + _i32(_i16(high & 0x03)) * _i32(p7[n]))
+    return total >> 6  # every product was 64·c·x
 
 
 @numba.njit(inline="always")
 def _row_codes(row: np.ndarray, codes: np.ndarray) -> None:
-    """One I2_S row (16-bit words) unpacked to int16 codes in the planes' order."""
+    """One I2_S row (16-bit words) unpacked to int16 codes in the planes' order, each left at its
+    place in the byte (c·4^(3-s)), as `_row_dot` meets them."""
     n = row.shape[0]
     # eight slices, not eight offsets into one array: only then does LLVM vectorize the loop (5x here)
     c0, c1, c2, c3 = codes[:n], codes[n : 2 * n], codes[2 * n : 3 * n], codes[3 * n : 4 * n]
     c4, c5, c6, c7 = codes[4 * n : 5 * n], codes[5 * n : 6 * n], codes[6 * n : 7 * n], codes[7 * n :]
     for i in range(n):
-        word = row[i]
-        c0[i], c1[i], c2[i], c3[i] = (word >> 6) & 3, (word >> 4) & 3, (word >> 2) & 3, word & 3
-        c4[i], c5[i], c6[i], c7[i] = (word >> 14) & 3, (word >> 12) & 3, (word >> 10) & 3, (word >> 8) & 3
+        low, high = row[i], row[i] >> 8
+        c0[i], c1[i], c2[i], c3[i] = low & 0xC0, low & 0x30, low & 0x0C, low & 0x03
+        c4[i], c5[i], c6[i], c7[i] = high & 0xC0, high & 0x30, high & 0x0C, high & 0x03
 
 
 @numba.njit(inline="always")
 def _codes_dot(codes: np.ndarray, plane: np.ndarray) -> np.int32:
-    """Σ c·x of unpacked int16 codes and one token's planes: a plain int16 dot (pmaddwd)."""
+    """Σ c·x of unpacked codes and one token's planes: a plain int16 dot (pmaddwd), then / 64."""
     total = _i32(0)
     for n in range(codes.shape[0]):
         total = _i32(total + _i32(codes[n]) * _i32(plane[n]))
-    return total
+    return total >> 6
 
 
 @numba.njit(inline="always")
