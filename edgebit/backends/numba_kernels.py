@@ -339,29 +339,41 @@ def _group_table(x: np.ndarray, t0: int, tokens: int, lanes: int, block: int, j:
 
 
 @numba.njit(inline="always")
+def _eight_entries(tables: np.ndarray, index: np.ndarray, row: np.ndarray, offset: int, j: int) -> tuple:
+    """The table rows that bytes j..j+7 of the block at `offset` of a row select."""
+    return (tables[j, index[row[offset + j]]], tables[j + 1, index[row[offset + j + 1]]],
+            tables[j + 2, index[row[offset + j + 2]]], tables[j + 3, index[row[offset + j + 3]]],
+            tables[j + 4, index[row[offset + j + 4]]], tables[j + 5, index[row[offset + j + 5]]],
+            tables[j + 6, index[row[offset + j + 6]]], tables[j + 7, index[row[offset + j + 7]]])
+
+
+@numba.njit(inline="always")
 def _table_rows(packed: np.ndarray, block: int, tables: np.ndarray, index: np.ndarray, x: np.ndarray, t0: int,
                 tokens: int, lanes: int, acc: np.ndarray, first: int, start: int, stop: int,
                 partial: np.ndarray) -> None:
     """acc[first + m, :lanes] += Σ over block `block` of row m, for rows start..stop of one weight:
-    each byte of the row picks one entry of its group's table, four bytes per pass over the lanes.
-    The int16 partial sum of a block is at most 32 · 4 · 128 = 16384 in size."""
+    each byte of the row picks one entry of its group's table, eight bytes per pass over the lanes;
+    the first pass writes the int16 partial sum, the last adds it into the int32 totals. (Four
+    passes of eight, not eight of four plus a zeroing and a totalling loop: Zen 3, one core, 128
+    tokens, 44-50 → 76-80 G MAC/s.) The partial sum of a block is at most 32 · 4 · 128 = 16384 in size."""
     offset = block * BLOCK_BYTES
     for m in range(start, stop):
         row = packed[m]
+        e0, e1, e2, e3, e4, e5, e6, e7 = _eight_entries(tables, index, row, offset, 0)
         for t in range(lanes):
-            partial[t] = 0
-        for j in range(0, BLOCK_BYTES, 4):
-            e0, e1 = tables[j, index[row[offset + j]]], tables[j + 1, index[row[offset + j + 1]]]
-            e2, e3 = tables[j + 2, index[row[offset + j + 2]]], tables[j + 3, index[row[offset + j + 3]]]
+            partial[t] = _i16(e0[t] + e1[t] + e2[t] + e3[t] + e4[t] + e5[t] + e6[t] + e7[t])
+        for j in range(8, BLOCK_BYTES - 8, 8):
+            e0, e1, e2, e3, e4, e5, e6, e7 = _eight_entries(tables, index, row, offset, j)
             for t in range(lanes):
-                partial[t] = _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t])
+                partial[t] = _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t] + e4[t] + e5[t] + e6[t] + e7[t])
+        e0, e1, e2, e3, e4, e5, e6, e7 = _eight_entries(tables, index, row, offset, BLOCK_BYTES - 8)
+        total = acc[first + m]
+        for t in range(lanes):
+            total[t] += _i16(partial[t] + e0[t] + e1[t] + e2[t] + e3[t] + e4[t] + e5[t] + e6[t] + e7[t])
         threes = 0
         for j in range(BLOCK_BYTES):
             byte = row[offset + j]
             threes |= byte & (byte >> 1)
-        total = acc[first + m]
-        for t in range(lanes):
-            total[t] += partial[t]
         if threes & 0x55:  # a code 3 somewhere in this block of the row: weight 2, its activation once more
             for j in range(BLOCK_BYTES):
                 for s in range(4):
