@@ -6,7 +6,7 @@
 Without --model it uses the random 2B4T-shaped model that `edgebit bench --shape 2b4t` writes to
 the cache. The transformer's building blocks are wrapped with timers for `--steps` generated
 tokens after a `--context`-token prompt; "other" is what the forward pass spends outside them
-(residual adds, reshapes, the bitlinear rescale, the KV-cache copy). Then each LM-head form of
+(residual adds, reshapes, the KV-cache copy). Then each LM-head form of
 `edgebit.backends.lm_head` is timed on the same model's embedding.
 """
 
@@ -70,7 +70,7 @@ def main() -> None:
         wait_until_idle()
 
     totals: dict[str, float] = defaultdict(float)
-    tr.backend.matmul_group = timed(totals, "ternary matmul (backend)", tr.backend.matmul_group)
+    tr.backend.bitlinear_group = timed(totals, "bitlinear (backend)", tr.backend.bitlinear_group)
     for name in BLOCKS:
         setattr(tr, name, timed(totals, name, getattr(tr, name)))
     token = 1

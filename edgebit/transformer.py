@@ -8,8 +8,9 @@
     logits = (rmsnorm(h)·output_norm) @ token_embdᵀ
 
 The architectures differ only in data (`Config`): FFN activation (relu² for `bitnet-b1.58`,
-SiLU for `bitnet`), RoPE base, optional per-projection output scales. The ternary products are
-one call per group of projections that share an input, `backend.matmul_group(weights, x_q)`.
+SiLU for `bitnet`), RoPE base, optional per-projection output scales. The ternary products, and
+BitLinear's scaling of them, are one call per group of projections that share an input,
+`backend.bitlinear_group(weights, x_q, γ, scales)`.
 `numerics="ggml"` adds the reference C++ tool's f16 rounding points (reference-models README,
 "Numerics"); the default is plain float32.
 """
@@ -307,21 +308,10 @@ class Transformer:
         return xq, gamma[:, None]
 
     def bitlinear(self, layer: Layer, names: tuple[str, ...], xq: np.ndarray, gamma: np.ndarray) -> list[np.ndarray]:
-        """y = (T · x_q) / γ · s  [· optional output scale] for each named projection of the same input;
-        the integer products come from the backend, in one call for the group.
-
-        A backend may return its product in any memory layout (the tiled kernels give prompts
-        column-major). The scaling writes a row-major array, so every later reduction (the next
-        rmsnorm's mean) sums in the same order whichever kernel ran: same bits on every backend."""
-        products = self.backend.matmul_group([layer.proj[name] for name in names], xq)
-        ys = []
-        for name, y in zip(names, products, strict=True):
-            y = np.divide(y, gamma, out=np.empty(y.shape, dtype=np.float32))
-            y *= layer.scale[name]
-            if name in layer.out_scale:
-                y *= layer.out_scale[name]
-            ys.append(y)
-        return ys
+        """y = (T · x_q) / γ · s  [· optional output scale] for each named projection of the same input,
+        in one backend call for the group (`Backend.bitlinear_group` has the float32 operations)."""
+        return self.backend.bitlinear_group([layer.proj[name] for name in names], xq, gamma,
+                                            [(layer.scale[name], layer.out_scale.get(name)) for name in names])
 
     def rope_tables(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """cos and sin of the RoPE angles (T, d/2) at `positions`: the same for q, k and every layer."""

@@ -130,6 +130,31 @@ def test_group_products_equal_single_products(monkeypatch: pytest.MonkeyPatch, t
             np.testing.assert_array_equal(got, _exact(c, x))
 
 
+@pytest.mark.parametrize("tokens", [1, 9, 70])  # 70: past the compiled backend's decode kernel
+def test_bitlinear_groups_give_the_same_bits_on_every_backend(tokens: int) -> None:
+    """BitLinear's scaling ((p / γ) · s) · s_out, fused into a kernel or done in numpy after it
+    (Backend.bitlinear_group), gives the same float32 bits; widths that are not whole blocks too."""
+    rng = np.random.default_rng(tokens)
+    shapes = [(40, 384), (24, 384), (8, 384)]
+    codes = [rng.integers(-1, 2, size=shape, dtype=np.int8) for shape in shapes]
+    x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
+    gamma = (127.0 / rng.uniform(0.01, 40.0, size=(tokens, 1))).astype(np.float32)
+    scales = [(np.float32(0.37), None), (np.float32(1.9), np.float32(0.61)), (np.float32(2.3), None)]
+    reference = ReferenceBackend()
+    want = reference.bitlinear_group([reference.prepare(_weight(c)) for c in codes], x, gamma, scales)
+    for name, cls in KERNELS.items():
+        backend = cls(threads=2)
+        got = backend.bitlinear_group([backend.prepare(_weight(c)) for c in codes], x, gamma, scales)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g.view(np.uint32), w.view(np.uint32), err_msg=name)
+    narrow = rng.integers(-1, 2, size=(16, 200), dtype=np.int8)
+    for name, cls in KERNELS.items():
+        backend = cls(threads=1)
+        got = backend.bitlinear_group([backend.prepare(_weight(narrow))], x[:, :200].copy(), gamma, scales[1:2])[0]
+        want = np.divide(_exact(narrow, x[:, :200]), gamma) * scales[1][0] * scales[1][1]
+        np.testing.assert_array_equal(got.view(np.uint32), want.astype(np.float32).view(np.uint32), err_msg=name)
+
+
 def test_slices_start_on_block_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(lanes, "MIN_SPLIT", 0)
     backend = DenseBackend(threads=3)

@@ -38,18 +38,27 @@ def _exact(codes: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (x.astype(np.int64) @ codes.T.astype(np.int64)).astype(np.float32)
 
 
-def _products(codes: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unscaled(tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels' γ and (s, s_out) arguments that leave the exact integer products: all ones."""
+    return np.ones(tokens, dtype=np.float32), np.ones((3, 2), dtype=np.float32)
+
+
+def _products(codes: np.ndarray, x: np.ndarray, gamma: np.ndarray | None = None,
+              scales: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(decode kernel token by token, decode kernel on all tokens, prompt kernel) for int8
-    activations x (T, K)."""
+    activations x (T, K), the weight in the middle slot; exact products unless γ, scales are given."""
+    ones = _unscaled(x.shape[0])
+    gamma, scales = ones[0] if gamma is None else gamma, ones[1] if scales is None else scales
     rows = _rows(codes)
     none = _rows(np.zeros((0, codes.shape[1]), dtype=np.int8))
     one = np.empty((x.shape[0], codes.shape[0]), dtype=np.float32)
     unused = np.empty((x.shape[0], 0), dtype=np.float32)
     for t in range(x.shape[0]):
-        nk.i2s_gemv(none, rows, none, x[t : t + 1], unused[t : t + 1], one[t : t + 1], unused[t : t + 1])
+        nk.i2s_gemv(none, rows, none, x[t : t + 1], gamma[t : t + 1], scales, unused[t : t + 1], one[t : t + 1],
+                    unused[t : t + 1])
     few, many = np.empty_like(one), np.empty_like(one)
-    nk.i2s_gemv(none, rows, none, x, unused, few, unused)
-    nk.i2s_gemm(rows, none, none, x, many, unused, unused)
+    nk.i2s_gemv(none, rows, none, x, gamma, scales, unused, few, unused)
+    nk.i2s_gemm(none, rows, none, x, gamma, scales, unused, many, unused)
     return one, few, many
 
 
@@ -79,6 +88,26 @@ def test_decode_and_prompt_kernels_are_exact(problem: tuple[np.ndarray, np.ndarr
         np.testing.assert_array_equal(product, want)
 
 
+@settings(max_examples=max(EXAMPLES // 2, 5), deadline=None)
+@given(problem=problems(), seed=st.integers(0, 2**32 - 1), with_out_scale=st.booleans())
+def test_kernels_scale_as_numpy_does(problem: tuple[np.ndarray, np.ndarray], seed: int, with_out_scale: bool) -> None:
+    """The kernels' BitLinear scaling gives the bits of Backend.bitlinear_group's numpy operations:
+    ((p / γ) · s) · s_out in float32, an absent s_out passed as 1."""
+    codes, x = problem
+    rng = np.random.default_rng(seed)
+    gamma = (127.0 / rng.uniform(1e-3, 50.0, size=(x.shape[0], 1))).astype(np.float32)
+    scale = np.float32(rng.uniform(0.01, 5.0))
+    out_scale = np.float32(rng.uniform(0.1, 3.0)) if with_out_scale else None
+    want = np.divide(_exact(codes, x), gamma, out=np.empty((x.shape[0], codes.shape[0]), dtype=np.float32))
+    want *= scale
+    if out_scale is not None:
+        want *= out_scale
+    scales = np.ones((3, 2), dtype=np.float32)
+    scales[1] = scale, 1.0 if out_scale is None else out_scale
+    for product in _products(codes, x, gamma[:, 0].copy(), scales):
+        np.testing.assert_array_equal(product.view(np.uint32), want.view(np.uint32))
+
+
 def test_a_group_of_three_weights_equals_each_alone() -> None:
     """q/k/v-like groups: three weights of different heights (not multiples of the row tiles) in one call."""
     rng = np.random.default_rng(11)
@@ -88,9 +117,9 @@ def test_a_group_of_three_weights_equals_each_alone() -> None:
         x = rng.integers(-128, 128, size=(tokens, 384), dtype=np.int8)
         outs = [np.empty((tokens, c.shape[0]), dtype=np.float32) for c in codes]
         if tokens == 1:
-            nk.i2s_gemv(*(_rows(c) for c in codes), x, *outs)
+            nk.i2s_gemv(*(_rows(c) for c in codes), x, *_unscaled(tokens), *outs)
         else:
-            nk.i2s_gemm(*(_rows(c) for c in codes), x, *outs)
+            nk.i2s_gemm(*(_rows(c) for c in codes), x, *_unscaled(tokens), *outs)
         for c, o in zip(codes, outs, strict=True):
             np.testing.assert_array_equal(o, _exact(c, x))
 
@@ -109,7 +138,8 @@ def test_any_byte_multiplies_as_the_reference_decodes_it(seed: int, tokens: int)
     none = _rows(np.zeros((0, k), dtype=np.int8))
     out = np.empty((tokens, m), dtype=np.float32)
     unused = np.empty((tokens, 0), dtype=np.float32)
-    nk.i2s_gemm(none, np.frombuffer(rows.tobytes(), np.uint8).reshape(m, -1), none, x, unused, out, unused)
+    nk.i2s_gemm(none, np.frombuffer(rows.tobytes(), np.uint8).reshape(m, -1), none, x, *_unscaled(tokens),
+                unused, out, unused)
     np.testing.assert_array_equal(out, _exact(codes.reshape(m, k), x))
 
 

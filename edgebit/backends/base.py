@@ -2,8 +2,9 @@
 
 A backend turns a `TernaryWeight` into a resident form once at load (`prepare`) and multiplies
 it by int8 activations (`matmul`). The product must be the exact integer dot product
-`T @ x_q`, returned as float32 (exact: |sum| < 2**24, spec §4.2). Scaling by the activation
-and weight scales is the model's job, not the backend's.
+`T @ x_q`, returned as float32 (exact: |sum| < 2**24, spec §4.2). BitLinear's scaling of those
+products (`bitlinear_group`) is numpy after the products unless a backend fuses it into its kernel,
+which it may only do with numpy's float32 operations in numpy's order: every backend gives the same bits.
 """
 
 from __future__ import annotations
@@ -49,4 +50,20 @@ class Backend(ABC):
         A backend that splits work across cores overrides this to meet its helpers once per group.
         """
         return [self.matmul(p, xq) for p in prepared]
+
+    def bitlinear_group(self, prepared: list[Any], xq: np.ndarray, gamma: np.ndarray,
+                        scales: list[tuple[np.float32, np.float32 | None]]) -> list[np.ndarray]:
+        """BitLinear's outputs y = ((T · x_q) / γ) · s [· s_out] for several weights with the same input.
+
+        gamma float32 (T, 1): each token's activation scale; scales[i] = (s, s_out or None) of weight
+        i. The results are row-major float32 whatever layout the products came in, so every later
+        reduction (the next RMSNorm's mean) sums in the same order whichever kernel ran."""
+        ys = []
+        for product, (scale, out_scale) in zip(self.matmul_group(prepared, xq), scales, strict=True):
+            y = np.divide(product, gamma, out=np.empty(product.shape, dtype=np.float32))
+            y *= scale
+            if out_scale is not None:
+                y *= out_scale
+            ys.append(y)
+        return ys
 

@@ -65,6 +65,17 @@ class NumbaBackend(Backend):
         return self.matmul_group([prepared], xq)[0]
 
     def matmul_group(self, prepared: list[PackedRows], xq: np.ndarray) -> list[np.ndarray]:
+        """The exact products: the kernels' scaling with γ = s = s_out = 1 (x / 1 · 1 is x)."""
+        return self._run(prepared, xq, np.ones((xq.shape[0], 1), dtype=np.float32), [_NO_SCALE] * len(prepared))
+
+    def bitlinear_group(self, prepared: list[PackedRows], xq: np.ndarray, gamma: np.ndarray,
+                        scales: list[tuple[np.float32, np.float32 | None]]) -> list[np.ndarray]:
+        """The kernels scale each result as they store it (`numba_kernels._scaled`: numpy's float32
+        operations in numpy's order), so a generated token makes no pass over the outputs in numpy."""
+        return self._run(prepared, xq, gamma, [(s, 1.0 if o is None else o) for s, o in scales])
+
+    def _run(self, prepared: list[PackedRows], xq: np.ndarray, gamma: np.ndarray,
+             scales: list[tuple[float, float]]) -> list[np.ndarray]:
         """Up to three weights per kernel call (q/k/v, gate/up): one parallel region for the group.
 
         A generated token makes 120 of these calls, so nothing is copied or allocated here that the
@@ -80,15 +91,21 @@ class NumbaBackend(Backend):
         if tokens == 0:
             return outs
         run = fast.i2s_gemv if tokens <= FEW_TOKENS else fast.i2s_gemm
+        gamma = np.ascontiguousarray(gamma.reshape(tokens), dtype=np.float32)
         unused_rows, unused_out = _unused_rows(width), np.empty((tokens, 0), dtype=np.float32)
         for first in range(0, len(prepared), 3):
             rows = [p.rows for p in prepared[first : first + 3]]
             dest = outs[first : first + 3]
+            factors = np.ones((3, 2), dtype=np.float32)
+            factors[: len(rows)] = scales[first : first + 3]
             rows += [unused_rows] * (3 - len(rows))
             dest += [unused_out] * (3 - len(dest))
             with fast.launch(self.threads):
-                run(*rows, x, *dest)
+                run(*rows, x, gamma, factors, *dest)
         return outs
+
+
+_NO_SCALE = (1.0, 1.0)
 
 
 @functools.cache

@@ -67,6 +67,7 @@ if not os.environ.get("NUMBA_CACHE_DIR"):
 # robust choice (README, Performance). The workqueue must not be entered from two threads at once,
 # so callers start kernels inside `launch()`, which holds LAUNCH whichever layer runs.
 LAUNCH = threading.Lock()  # one parallel kernel at a time in this process
+_THREAD_SETTING = threading.local()  # the thread count set_threads last gave numba, per thread
 
 BLOCK = 128  # weights per I2_S block
 BLOCK_BYTES = 32
@@ -250,33 +251,43 @@ def _codes_dot(codes: np.ndarray, plane: np.ndarray) -> np.int32:
 
 
 @numba.njit(inline="always")
-def _gemv_rows(packed: np.ndarray, plane: np.ndarray, x_sum: int, out: np.ndarray, start: int, stop: int) -> None:
-    """out[m] = Σ_k w[m, k]·x[k] for rows start..stop of one weight (16-bit words) and one token."""
-    flat = packed.reshape(-1)
-    for m in range(start, stop):
-        _prefetch_row(flat, m + PREFETCH_ROWS, packed.shape[1])
-        out[m] = _row_dot(packed[m], plane) - x_sum
+def _scaled(product: int, gamma: np.float32, scale: np.ndarray) -> np.float32:
+    """BitLinear's output from an exact product: ((p / γ) · s) · s_out in float32, numpy's operations
+    in numpy's order (scale = (s, s_out), s_out 1 when the weight has none: x · 1 is x)."""
+    return np.float32(np.float32(np.float32(product) / gamma) * scale[0]) * scale[1]
 
 
 @numba.njit(inline="always")
-def _gemv_rows_unpacked(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarray, out: np.ndarray, start: int,
-                        stop: int, codes: np.ndarray) -> None:
+def _gemv_rows(packed: np.ndarray, plane: np.ndarray, x_sum: int, gamma: np.float32, scale: np.ndarray,
+               out: np.ndarray, start: int, stop: int) -> None:
+    """out[m] = Σ_k w[m, k]·x[k], scaled, for rows start..stop of one weight (16-bit words) and one token."""
+    flat = packed.reshape(-1)
+    for m in range(start, stop):
+        _prefetch_row(flat, m + PREFETCH_ROWS, packed.shape[1])
+        out[m] = _scaled(_row_dot(packed[m], plane) - x_sum, gamma, scale)
+
+
+@numba.njit(inline="always")
+def _gemv_rows_unpacked(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarray, gamma: np.ndarray,
+                        scale: np.ndarray, out: np.ndarray, start: int, stop: int, codes: np.ndarray) -> None:
     """out[t, m] for rows start..stop and several tokens: each row is read from memory once and
     unpacked once to int16 codes (in L1), which every token then meets in a plain dot product
     (6912×2560, 40 tokens, 2 threads: 47 against 35 G MAC/s per core for _row_dot per token)."""
     for m in range(start, stop):
         _row_codes(packed[m], codes)
         for t in range(planes.shape[0]):
-            out[t, m] = _codes_dot(codes, planes[t]) - x_sums[t]
+            out[t, m] = _scaled(_codes_dot(codes, planes[t]) - x_sums[t], gamma[t], scale)
 
 
 @numba.njit(parallel=True, **_JIT)
-def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamma: np.ndarray, scales: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
-    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for one token or a few (x int8 (T, K), out_i float32
-    (T, M_i)) and up to three weights that share them (q/k/v, gate/up) in one parallel region; w_i
-    (M_i, K/4) I2_S rows; an unused slot is a (0, K/4) weight. Every weight byte is read once
-    whatever the number of tokens; past a few dozen tokens the prompt kernel (`i2s_gemm`) is faster."""
+    """out_i[t, m] = ((Σ_k w_i[m, k]·x[t, k]) / γ[t] · s_i) · s'_i (`_scaled`) for one token or a few
+    (x int8 (T, K), γ float32 (T,), out_i float32 (T, M_i)) and up to three weights that share them
+    (q/k/v, gate/up) in one parallel region; w_i (M_i, K/4) I2_S rows, (s_i, s'_i) = scales[i]; an
+    unused slot is a (0, K/4) weight. γ = s = s' = 1 gives the exact integer products. Every weight
+    byte is read once whatever the number of tokens; past a few dozen tokens the prompt kernel
+    (`i2s_gemm`) is faster."""
     tokens = x.shape[0]
     x_sums = np.empty(tokens, np.int64)
     planes = _planes(x, x_sums)
@@ -286,15 +297,18 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     if tokens == 1:
         for chunk in prange(c0 + c1 + c2):
-            w, out, first = (w0, out0, 0) if chunk < c0 else (w1, out1, c0) if chunk < c0 + c1 else (w2, out2, c0 + c1)
+            slot = 0 if chunk < c0 else 1 if chunk < c0 + c1 else 2
+            w, out, first = (w0, out0, 0) if slot == 0 else (w1, out1, c0) if slot == 1 else (w2, out2, c0 + c1)
             start = (chunk - first) * DECODE_ROWS
-            _gemv_rows(w, planes[0], x_sums[0], out[0], start, min(w.shape[0], start + DECODE_ROWS))
+            _gemv_rows(w, planes[0], x_sums[0], gamma[0], scales[slot], out[0], start,
+                       min(w.shape[0], start + DECODE_ROWS))
     else:
         for chunk in prange(c0 + c1 + c2):
-            w, out, first = (w0, out0, 0) if chunk < c0 else (w1, out1, c0) if chunk < c0 + c1 else (w2, out2, c0 + c1)
+            slot = 0 if chunk < c0 else 1 if chunk < c0 + c1 else 2
+            w, out, first = (w0, out0, 0) if slot == 0 else (w1, out1, c0) if slot == 1 else (w2, out2, c0 + c1)
             start = (chunk - first) * DECODE_ROWS
-            _gemv_rows_unpacked(w, planes, x_sums, out, start, min(w.shape[0], start + DECODE_ROWS),
-                                np.empty(x.shape[1], np.int16))
+            _gemv_rows_unpacked(w, planes, x_sums, gamma, scales[slot], out, start,
+                                min(w.shape[0], start + DECODE_ROWS), np.empty(x.shape[1], np.int16))
 
 
 @numba.njit(inline="always")
@@ -383,10 +397,9 @@ def _table_rows(packed: np.ndarray, block: int, tables: np.ndarray, index: np.nd
                             total[t] += x[t0 + t, k]
 
 
-def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamma: np.ndarray, scales: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
-    """out_i[t, m] = Σ_k w_i[m, k]·x[t, k] for many tokens x (T, K) int8 and up to three weights
-    (out_i float32 (T, M_i)); an unused slot is a (0, K/4) weight.
+    """`i2s_gemv`'s results for many tokens x (T, K) int8 and up to three weights.
 
     Table lookups instead of multiplications: for each block of 128 weights, each of its 32 byte
     positions gets a table of the 81 sums ±x ± x ± x ± x its four codes can select, for up to
@@ -398,11 +411,11 @@ def i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
     """
     stacked = w0.shape[0] + w1.shape[0] + w2.shape[0]
     threads = numba.get_num_threads()
-    _i2s_gemm(w0, w1, w2, x, out0, out1, out2, threads * max(1, -(-stacked // (threads * PART_ROWS))))
+    _i2s_gemm(w0, w1, w2, x, gamma, scales, out0, out1, out2, threads * max(1, -(-stacked // (threads * PART_ROWS))))
 
 
 @numba.njit(parallel=True, **_JIT)
-def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
+def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamma: np.ndarray, scales: np.ndarray,
               out0: np.ndarray, out1: np.ndarray, out2: np.ndarray, parts: int) -> None:
     """i2s_gemm with the stacked rows split into `parts` equal parts."""
     m0, m1, m2 = w0.shape[0], w1.shape[0], w2.shape[0]
@@ -432,7 +445,7 @@ def _i2s_gemm(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray,
                 for m in range(max(lo, base) - base, min(hi, base + out.shape[1]) - base):
                     total = acc[base + m - lo]
                     for t in range(tokens):
-                        out[t0 + t, m] = np.float32(total[t])
+                        out[t0 + t, m] = _scaled(total[t], gamma[t0 + t], scales[slot])
 
 
 @numba.njit(inline="always", fastmath={"reassoc"})
@@ -610,8 +623,8 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages).
 SIGNATURES = {
-    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
-    _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
+    i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_VEC, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
+    _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_VEC, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
@@ -641,9 +654,13 @@ def cache_hits() -> int:
 
 
 def set_threads(threads: int | None) -> None:
-    """Use `threads` (None: all numba may use) for the parallel loops started from this thread."""
+    """Use `threads` (None: all numba may use) for the parallel loops started from this thread
+    (numba's setting is per thread; it is only changed when it differs: a token makes ~150 launches)."""
     limit = numba.config.NUMBA_NUM_THREADS
-    numba.set_num_threads(max(1, min(threads or limit, limit)))
+    wanted = max(1, min(threads or limit, limit))
+    if getattr(_THREAD_SETTING, "threads", None) != wanted:
+        numba.set_num_threads(wanted)
+        _THREAD_SETTING.threads = wanted
 
 
 @contextmanager
