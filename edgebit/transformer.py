@@ -332,7 +332,18 @@ class Transformer:
 
     @staticmethod
     def _rotate(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """RoPE with the angles' cos and sin given (rope_tables)."""
+        """RoPE with the angles' cos and sin given (rope_tables): one compiled pass when the kernels
+        are installed (the same float32 operations, so identical numbers), numpy otherwise."""
+        fast = kernels()
+        if fast is None or x.dtype != np.float32:
+            return Transformer.rotate_half(x, cos, sin)
+        out = np.empty(x.shape, dtype=np.float32)
+        fast.rope(x, cos, sin, out)
+        return out
+
+    @staticmethod
+    def rotate_half(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """NEOX rotate-half in numpy: (x1·cos − x2·sin, x1·sin + x2·cos) for the halves x1, x2 of each head."""
         half = x.shape[-1] // 2
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)

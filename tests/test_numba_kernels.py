@@ -232,6 +232,21 @@ def test_rmsnorm_quantize_equals_the_numpy_forward_pass(dim: int, tokens: int, s
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
+@given(heads=st.integers(1, 5), tokens=st.integers(1, 6), half=st.integers(1, 70), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-30, 1.0, 1e4, 1e30]))
+def test_rope_equals_numpy(heads: int, tokens: int, half: int, seed: int, scale: float) -> None:
+    """The compiled RoPE gives numpy's bits (no fused multiply-add), on a strided view as the
+    forward pass gives it (q and k are transposed views of the projections' outputs)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((tokens, heads, 2 * half)) * scale).astype(np.float32).transpose(1, 0, 2)
+    angles = rng.uniform(0, 4000, (tokens, half)).astype(np.float32)
+    cos, sin = np.cos(angles), np.sin(angles)
+    out = np.empty(x.shape, dtype=np.float32)
+    nk.rope(x, cos, sin, out)
+    np.testing.assert_array_equal(out, Transformer.rotate_half(x, cos, sin))
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(xs=st.lists(st.floats(-120.0, 0.0, width=32), min_size=1, max_size=40))
 def test_softmax_exp_is_within_an_ulp(xs: list[float]) -> None:
     """The attention's vectorizable exp against float64 exp: within 1 ulp down to -87, and a
