@@ -57,6 +57,27 @@ def test_plain_loop_is_exact_and_uses_what_the_cpu_has() -> None:
     assert ("sdot" in asm) == dotprod, f"sdot {'missing' if dotprod else 'emitted'} for {cpu}"
 
 
+@pytest.mark.skipif(AARCH64, reason="about x86's AVX-512")
+def test_avx512_cpus_get_512_bit_vectors_unless_a_target_was_chosen() -> None:
+    """On a CPU with AVX-512BW the kernels are built without LLVM's 256-bit preference (the decode
+    kernel's zmm registers); NUMBA_CPU_NAME, set for a portable cache, keeps numba's own choice."""
+    import llvmlite.binding as llvm
+
+    script = ("import numba, edgebit.backends.numba_kernels as nk; nk._codes_dot.compile("
+              "'int32(int16[::1], int16[::1])'); print(numba.config.CPU_FEATURES);"
+              "print('zmm' in next(iter(nk._codes_dot.inspect_asm().values())))")
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    features, zmm = subprocess.run([sys.executable, "-c", script], env=env, check=True, capture_output=True,
+                                   text=True).stdout.split()
+    if llvm.get_host_cpu_features().get("avx512bw"):
+        assert features.endswith(",-prefer-256-bit") and zmm == "True"
+    else:
+        assert features == "None"
+    features, _ = subprocess.run([sys.executable, "-c", script], env=dict(env, NUMBA_CPU_NAME="x86-64-v3"),
+                                 check=True, capture_output=True, text=True).stdout.split()
+    assert features == "None"
+
+
 def test_cached_code_is_kept_per_cpu_kind(tmp_path: Path) -> None:
     """Code cached for another CPU kind is compiled (never run) first; this CPU must then compile its own."""
     here = numba.config.CPU_NAME or "host"
