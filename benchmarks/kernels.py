@@ -3,8 +3,8 @@
     python benchmarks/kernels.py [--threads 1,2] [--tokens 1,8,16,32,40,48,64,128,320] [--wait-idle]
 
 One "layer" is the model's four kernel calls (q/k/v, o, gate/up, down: 69.5 M weights): the
-decode kernel (`i2s_gemv`) for up to FEW_TOKENS tokens and the prompt kernel (`i2s_gemm`) past it,
-both measured at every token count so the crossover can be read off for this machine. Random
+decode kernel (`i2s_gemv`) up to the crossover the backend measured for this machine and the prompt
+kernel (`i2s_gemm`) past it, both measured at every token count so the crossover can be checked. Random
 weights (speed does not depend on their values) and random int8 activations; the best of several
 repetitions, with the machine's busy share before the run.
 """
@@ -18,7 +18,7 @@ import numpy as np
 from idle import busy_share, wait_until_idle
 from llvmlite.binding import get_host_cpu_name
 
-from edgebit.backends.compiled import FEW_TOKENS
+from edgebit.backends.compiled import NumbaBackend
 from edgebit.backends.fast import kernels, read_only
 from edgebit.backends.machine import detect
 
@@ -74,10 +74,13 @@ def main() -> None:
     macs = sum(sum(outs) * k for outs, k in LAYER)
     machine = detect()
     print(f"{machine.arch}, {machine.cpu_model} (LLVM: {get_host_cpu_name()}), {machine.cpus} cores; "
-          f"{macs / 1e6:.1f} M weights a layer; the model uses the decode kernel up to {FEW_TOKENS} tokens")
+          f"{macs / 1e6:.1f} M weights a layer")
     if args.wait_idle:
         wait_until_idle()
     print(f"busy before: {busy_share():.0%}")
+    for threads in (int(t) for t in args.threads.split(",")):
+        print(f"{threads} threads: the backend uses the decode kernel up to "
+              f"{NumbaBackend(threads=threads).few_tokens()} tokens (its measured crossover, cached)")
     print(f"{'threads':>7} {'tokens':>6} {'gemv ms':>8} {'G MAC/s/core':>12} {'gemm ms':>8} {'G MAC/s/core':>12}")
     for threads in (int(t) for t in args.threads.split(",")):
         fast.set_threads(threads)

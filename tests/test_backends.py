@@ -130,7 +130,7 @@ def test_group_products_equal_single_products(monkeypatch: pytest.MonkeyPatch, t
             np.testing.assert_array_equal(got, _exact(c, x))
 
 
-@pytest.mark.parametrize("tokens", [1, 9, 70])  # 70: past the compiled backend's decode kernel
+@pytest.mark.parametrize("tokens", [1, 9, 40, 70])  # 40: either kernel, by the crossover; 70: the prompt kernel
 def test_bitlinear_groups_give_the_same_bits_on_every_backend(tokens: int) -> None:
     """BitLinear's scaling ((p / γ) · s) · s_out, fused into a kernel or done in numpy after it
     (Backend.bitlinear_group), gives the same float32 bits; widths that are not whole blocks too."""

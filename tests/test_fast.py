@@ -111,3 +111,24 @@ def test_threads_may_share_a_model(tiny_model: Path) -> None:
     run = subprocess.run([sys.executable, "-c", SHARED_MODEL, str(tiny_model)], env=env, capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+
+
+def test_the_kernel_crossover_is_measured_once_per_machine_and_cached(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to how many tokens the decode kernel runs is timed on this machine once, then read back;
+    a damaged cache file is measured again, never trusted."""
+    from edgebit.backends.compiled import FEW_TOKENS_CANDIDATES, NumbaBackend
+
+    monkeypatch.setenv("EDGEBIT_HOME", str(tmp_path))
+    path = tmp_path / "cache" / "crossover.json"
+    few = NumbaBackend(threads=1).few_tokens()
+    assert few in FEW_TOKENS_CANDIDATES
+    cached = json.loads(path.read_text(encoding="utf-8"))
+    assert list(cached.values()) == [few] and "threads=1" in next(iter(cached))
+    other = next(t for t in FEW_TOKENS_CANDIDATES if t != few)
+    path.write_text(json.dumps({next(iter(cached)): other}), encoding="utf-8")
+    assert NumbaBackend(threads=1).few_tokens() == other  # read back, not re-measured
+    for damaged in ("not json", json.dumps({next(iter(cached)): 1000}), "[]"):
+        path.write_text(damaged, encoding="utf-8")
+        assert NumbaBackend(threads=1).few_tokens() in FEW_TOKENS_CANDIDATES
+        assert json.loads(path.read_text(encoding="utf-8"))[next(iter(cached))] in FEW_TOKENS_CANDIDATES

@@ -12,6 +12,9 @@ tables of activation sums); both return exact integer products
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,8 +24,18 @@ from ..weights import TernaryWeight
 from .base import Backend
 from .fast import kernels, read_only, unavailable_reason
 from .i2s import BLOCK
+from .machine import detect
+from .select import cache_dir
 
-FEW_TOKENS = 64  # up to this many tokens the decode kernel is faster than the prompt kernel
+log = logging.getLogger(__name__)
+
+# Up to how many tokens the decode kernel beats the prompt kernel depends on the CPU (Zen 3: 64;
+# a Xeon with 512-bit vectors: ~28, where a 40-token message then takes 26 instead of 39 ms a
+# layer). Below the first candidate the decode kernel always wins; past the last the prompt kernel.
+# Measured once per machine, thread count and numba version, cached in crossover.json.
+FEW_TOKENS_CANDIDATES = (16, 32, 48, 64)
+CROSSOVER_SHAPE = (2048, 2560)  # rows × K of the random weight the crossover is measured on
+CROSSOVER_ROUNDS = 3  # best of this many interleaved timings per kernel and token count
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,10 @@ class PackedRows:
 class NumbaBackend(Backend):
     name = "numba"
     description = "compiled kernels (numba): the file's 2-bit I2_S codes used in place, exact integer products"
+
+    def __init__(self, threads: int | None = None) -> None:
+        super().__init__(threads)
+        self._few_tokens: int | None = None
 
     @classmethod
     def supported(cls) -> tuple[bool, str]:
@@ -90,7 +107,12 @@ class NumbaBackend(Backend):
         outs = [np.empty((tokens, p.rows.shape[0]), dtype=np.float32) for p in prepared]
         if tokens == 0:
             return outs
-        run = fast.i2s_gemv if tokens <= FEW_TOKENS else fast.i2s_gemm
+        if tokens <= FEW_TOKENS_CANDIDATES[0]:
+            run = fast.i2s_gemv
+        elif tokens > FEW_TOKENS_CANDIDATES[-1]:
+            run = fast.i2s_gemm
+        else:
+            run = fast.i2s_gemv if tokens <= self.few_tokens() else fast.i2s_gemm
         gamma = np.ascontiguousarray(gamma.reshape(tokens), dtype=np.float32)
         unused_rows, unused_out = _unused_rows(width), np.empty((tokens, 0), dtype=np.float32)
         for first in range(0, len(prepared), 3):
@@ -105,7 +127,64 @@ class NumbaBackend(Backend):
         return outs
 
 
+    def few_tokens(self) -> int:
+        """Up to how many tokens the decode kernel is the faster one on this machine (cached)."""
+        if self._few_tokens is None:
+            self._few_tokens = _crossover(self.threads)
+        return self._few_tokens
+
+
 _NO_SCALE = (1.0, 1.0)
+
+
+def _crossover(threads: int | None) -> int:
+    """The largest candidate token count at which the decode kernel still beats the prompt kernel,
+    measured on a random weight once per machine, thread count and numba version (~0.1 s)."""
+    import numba
+
+    fast = kernels()
+    machine = detect()
+    key = f"{machine.fingerprint()}|threads={threads or machine.cpus}|numba={numba.__version__}"
+    path = cache_dir() / "crossover.json"
+    try:
+        cached = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        cached = {}
+    if not isinstance(cached, dict):
+        cached = {}
+    if isinstance(cached.get(key), int) and cached[key] in FEW_TOKENS_CANDIDATES:
+        return cached[key]
+    rng = np.random.default_rng(0)
+    m, k = CROSSOVER_SHAPE
+    rows = np.frombuffer(quants.i2s_encode(rng.integers(-1, 2, size=(m, k), dtype=np.int8), 1.0), np.uint8)
+    rows = read_only(rows[: m * k // 4].reshape(m, k // 4))
+    unused, factors = _unused_rows(k), np.ones((3, 2), dtype=np.float32)
+    best = {}
+    for _ in range(CROSSOVER_ROUNDS):
+        for tokens in FEW_TOKENS_CANDIDATES:
+            x = rng.integers(-128, 128, size=(tokens, k), dtype=np.int8)
+            gamma, out = np.ones(tokens, np.float32), np.empty((tokens, m), np.float32)
+            none = np.empty((tokens, 0), np.float32)
+            for run in (fast.i2s_gemv, fast.i2s_gemm):
+                with fast.launch(threads):
+                    run(rows, unused, unused, x, gamma, factors, out, none, none)  # compiled / loaded, warm
+                    start = time.perf_counter()
+                    run(rows, unused, unused, x, gamma, factors, out, none, none)
+                    seconds = time.perf_counter() - start
+                best[run, tokens] = min(best.get((run, tokens), seconds), seconds)
+    few = FEW_TOKENS_CANDIDATES[0]
+    for tokens in FEW_TOKENS_CANDIDATES[1:]:
+        if best[fast.i2s_gemv, tokens] >= best[fast.i2s_gemm, tokens]:
+            break
+        few = tokens
+    cached[key] = few
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cached, indent=1, sort_keys=True), encoding="utf-8")
+    except OSError as exc:  # a read-only home must not stop a model from running
+        log.warning("could not cache the kernel crossover in %s: %s", path, exc)
+    log.info("decode kernel up to %d tokens, prompt kernel past it (%s)", few, key)
+    return few
 
 
 @functools.cache
