@@ -63,7 +63,8 @@ def test_doctor_says_whether_the_compiled_code_is_cached(tmp_path: Path) -> None
     assert cold["available"] and cold["cached"] == 0
     assert warm["cached"] == warm["kernels"] and warm["cache_dir"].startswith(str(tmp_path))
     text = _cli(["doctor"], tmp_path, own_cache=True).stdout
-    assert "cache warm" in text
+    assert "cache warm" in text and f"LLVM target {warm['llvm_cpu']}" in text
+    assert ("512-bit vectors" in text) == warm["wide_vectors"]
 
 
 def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> None:

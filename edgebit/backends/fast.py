@@ -56,9 +56,12 @@ def status() -> dict[str, Any]:
     if fast is None:
         return {"available": False, "reason": unavailable_reason(), "install": INSTALL_HINT}
     import numba
+    from llvmlite.binding import get_host_cpu_name
 
     start = time.perf_counter()
     fast.compile_all()
     return {"available": True, "numba": numba.__version__, "cache_dir": str(numba.config.CACHE_DIR),
             "kernels": len(fast.SIGNATURES), "cached": fast.cache_hits(), "seconds": time.perf_counter() - start,
-            "threading_layer": numba.config.THREADING_LAYER}
+            "threading_layer": numba.config.THREADING_LAYER,
+            "llvm_cpu": numba.config.CPU_NAME or get_host_cpu_name(),
+            "wide_vectors": "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")}

@@ -210,7 +210,8 @@ def _kernels_line(kernels: dict[str, Any]) -> str:
     cache = (f"cache warm ({kernels['cached']}/{kernels['kernels']} loaded in {kernels['seconds']:.1f} s)"
              if kernels["cached"] == kernels["kernels"] else
              f"compiled in {kernels['seconds']:.1f} s for this CPU (first run), now cached")
-    return f"compiled (numba {kernels['numba']}): {cache} in {kernels['cache_dir']}"
+    target = f"LLVM target {kernels['llvm_cpu']}" + (", 512-bit vectors" if kernels["wide_vectors"] else "")
+    return f"compiled (numba {kernels['numba']}, {target}): {cache} in {kernels['cache_dir']}"
 
 
 def _print(report: dict[str, Any], as_json: bool) -> None:
