@@ -5,7 +5,8 @@ is a multiple of 128 are passed to the kernels as they lie in the file. Other la
 TQ2_0, float weights, rows that are not whole blocks) are re-encoded once at load into the same
 row layout, rows padded with zero weights to whole blocks. One token or a few use the decode kernel
 (`i2s_gemv`, int16 products summed in int32), more the prompt kernel (`i2s_gemm`, lookups in
-tables of activation sums); both return exact integer products
+tables of activation sums); where one hands over to the other is timed once per machine
+(`NumbaBackend.few_tokens`). Both return exact integer products
 (numba_kernels' docstring has the argument) and run on numba's threads, not helper processes.
 """
 
