@@ -13,7 +13,6 @@ tables of activation sums); where one hands over to the other is timed once per 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from .base import Backend
 from .fast import kernels, read_only, unavailable_reason
 from .i2s import BLOCK
 from .machine import detect
-from .select import cache_dir
+from .select import cache_dir, read_cache, write_cache
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +126,6 @@ class NumbaBackend(Backend):
                 run(*rows, x, gamma, factors, *dest)
         return outs
 
-
     def few_tokens(self) -> int:
         """Up to how many tokens the decode kernel is the faster one on this machine (cached)."""
         if self._few_tokens is None:
@@ -140,20 +138,15 @@ _NO_SCALE = (1.0, 1.0)
 
 def _crossover(threads: int | None) -> int:
     """The largest candidate token count at which the decode kernel still beats the prompt kernel,
-    measured on a random weight once per machine, thread count and numba version (~0.1 s)."""
+    measured on a random weight once per machine, thread count and numba version (~0.2 s)."""
     import numba
 
     fast = kernels()
     machine = detect()
     key = f"{machine.fingerprint()}|threads={threads or machine.cpus}|numba={numba.__version__}"
     path = cache_dir() / "crossover.json"
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    if isinstance(cached.get(key), int) and cached[key] in FEW_TOKENS_CANDIDATES:
+    cached = read_cache(path)
+    if cached.get(key) in FEW_TOKENS_CANDIDATES:
         return cached[key]
     rng = np.random.default_rng(0)
     m, k = CROSSOVER_SHAPE
@@ -179,11 +172,7 @@ def _crossover(threads: int | None) -> int:
             break
         few = tokens
     cached[key] = few
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1, sort_keys=True), encoding="utf-8")
-    except OSError as exc:  # a read-only home must not stop a model from running
-        log.warning("could not cache the kernel crossover in %s: %s", path, exc)
+    write_cache(path, cached)
     log.info("decode kernel up to %d tokens, prompt kernel past it (%s)", few, key)
     return few
 

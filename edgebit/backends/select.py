@@ -109,15 +109,17 @@ def measure(backend: type[Backend], threads: int | None, shape: tuple[int, int] 
     return Speed(decode_ns=decode / (m * k) * 1e9, prompt_ns=prompt / (m * k * PROBE_PROMPT) * 1e9)
 
 
-def _read_cache(path: Path) -> dict:
+def read_cache(path: Path) -> dict:
+    """A JSON object cached at `path`, or {} if it is missing, unreadable or not an object."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) and data.get("version") == PROBE_VERSION else {}
+    return data if isinstance(data, dict) else {}
 
 
-def _write_cache(path: Path, data: dict) -> None:
+def write_cache(path: Path, data: dict) -> None:
+    """Replace `path` with `data` as JSON, atomically; a failure is only logged."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp",
@@ -125,13 +127,15 @@ def _write_cache(path: Path, data: dict) -> None:
             json.dump(data, fh, indent=1, sort_keys=True)
         os.replace(fh.name, path)
     except OSError as exc:  # a read-only home must not stop a model from loading
-        log.warning("could not cache the backend probe in %s: %s", path, exc)
+        log.warning("could not write the cache %s: %s", path, exc)
 
 
 def probe(backends: dict[str, type[Backend]], threads: int | None, machine: Machine) -> dict[str, Speed]:
     """Speeds of `backends` on this machine, measured once and cached per machine and thread count."""
     path = cache_dir() / "probe.json"
-    data = _read_cache(path) or {"version": PROBE_VERSION, "machines": {}}
+    data = read_cache(path)
+    if data.get("version") != PROBE_VERSION:
+        data = {"version": PROBE_VERSION, "machines": {}}
     key = f"threads={threads or machine.cpus}"
     entry = data["machines"].setdefault(machine.fingerprint(), {}).setdefault(key, {})
     missing = [name for name in backends if name not in entry]
@@ -145,7 +149,7 @@ def probe(backends: dict[str, type[Backend]], threads: int | None, machine: Mach
     for name, speed in best.items():
         entry[name] = asdict(speed)
     if missing:
-        _write_cache(path, data)
+        write_cache(path, data)
     return {name: Speed(**entry[name]) for name in backends}
 
 
