@@ -133,3 +133,20 @@ def test_the_kernel_crossover_is_measured_once_per_machine_and_cached(tmp_path: 
         path.write_text(damaged, encoding="utf-8")
         assert NumbaBackend(threads=1).few_tokens() in FEW_TOKENS_CANDIDATES
         assert json.loads(path.read_text(encoding="utf-8"))[next(iter(cached))] in FEW_TOKENS_CANDIDATES
+
+
+def test_a_changed_kernel_source_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The crossover cache is keyed by the kernels' source: an answer measured for other kernels
+    (an older edgebit) is not read back."""
+    from edgebit.backends import compiled
+
+    monkeypatch.setenv("EDGEBIT_HOME", str(tmp_path))
+    path = tmp_path / "cache" / "crossover.json"
+    compiled.NumbaBackend(threads=1).few_tokens()
+    key = next(iter(json.loads(path.read_text(encoding="utf-8"))))
+    assert key.endswith(f"|kernels={compiled.kernels_fingerprint()}")
+    stale = key.replace(compiled.kernels_fingerprint(), "0" * 12)
+    other = {stale: compiled.FEW_TOKENS_CANDIDATES[0]}
+    path.write_text(json.dumps(other), encoding="utf-8")
+    compiled.NumbaBackend(threads=1).few_tokens()
+    assert set(json.loads(path.read_text(encoding="utf-8"))) == {stale, key}  # measured anew, beside the old

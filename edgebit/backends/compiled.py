@@ -13,9 +13,11 @@ tables of activation sums); where one hands over to the other is timed once per 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 # Up to how many tokens the decode kernel beats the prompt kernel depends on the CPU (Zen 3: 64;
 # a Xeon with 512-bit vectors: ~28, where a 40-token message then takes 26 instead of 39 ms a
 # layer). Below the first candidate the decode kernel always wins; past the last the prompt kernel.
-# Measured once per machine, thread count and numba version, cached in crossover.json.
+# Measured once per machine, thread count, numba version and kernel source, cached in crossover.json.
 FEW_TOKENS_CANDIDATES = (16, 32, 48, 64)
 CROSSOVER_SHAPE = (2048, 2560)  # rows × K of the random weight the crossover is measured on
 CROSSOVER_ROUNDS = 3  # best of this many interleaved timings per kernel and token count
@@ -136,14 +138,22 @@ class NumbaBackend(Backend):
 _NO_SCALE = (1.0, 1.0)
 
 
+@functools.cache
+def kernels_fingerprint() -> str:
+    """A short hash of the compiled kernels' source: a cached measurement of them is stale once it changes."""
+    return hashlib.sha256(Path(kernels().__file__).read_bytes()).hexdigest()[:12]
+
+
 def _crossover(threads: int | None) -> int:
     """The largest candidate token count at which the decode kernel still beats the prompt kernel,
-    measured on a random weight once per machine, thread count and numba version (~0.2 s)."""
+    measured on a random weight once per machine, thread count, numba version and kernel source
+    (~0.2 s)."""
     import numba
 
     fast = kernels()
     machine = detect()
-    key = f"{machine.fingerprint()}|threads={threads or machine.cpus}|numba={numba.__version__}"
+    key = (f"{machine.fingerprint()}|threads={threads or machine.cpus}|numba={numba.__version__}"
+           f"|kernels={kernels_fingerprint()}")
     path = cache_dir() / "crossover.json"
     cached = read_cache(path)
     if cached.get(key) in FEW_TOKENS_CANDIDATES:
