@@ -38,6 +38,9 @@ ARCHITECTURES = {"bitnet-b1.58": "relu2", "bitnet-25": "relu2", "bitnet": "silu"
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 NUMERICS = ("reference", "ggml")
 KV_DTYPES = {"float32": np.float32, "float16": np.float16}
+# From this many rows the compiled norm and activation share the rows among the backend's threads;
+# fewer (a generated token) stay on the calling thread, which finishes before threads would start.
+PARALLEL_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,11 @@ class Transformer:
             return self.quantize_activations(self.rmsnorm(x, weight))
         x = np.ascontiguousarray(x, dtype=np.float32)
         xq, gamma = np.empty(x.shape, dtype=np.int8), np.empty(x.shape[0], dtype=np.float32)
-        fast.rmsnorm_quantize(x, weight, np.float32(self.config.eps), xq, gamma)
+        if x.shape[0] < PARALLEL_ROWS:
+            fast.rmsnorm_quantize(x, weight, np.float32(self.config.eps), xq, gamma)
+        else:
+            with fast.launch(self.backend.threads):
+                fast.rmsnorm_quantize_rows(x, weight, np.float32(self.config.eps), xq, gamma)
         return xq, gamma[:, None]
 
     def bitlinear(self, layer: Layer, names: tuple[str, ...], xq: np.ndarray, gamma: np.ndarray) -> list[np.ndarray]:
@@ -401,7 +408,16 @@ class Transformer:
         return out.reshape(T, cfg.n_embd)
 
     def ffn_activation(self, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+        """relu²(gate)·up (BitNet b1.58) or silu(gate)·up; relu² compiled for many rows when the
+        kernels are installed (numpy's operations in numpy's order: the same numbers)."""
         if self.config.activation == "relu2":
+            fast = kernels()
+            if fast is not None and gate.shape[0] >= PARALLEL_ROWS and gate.dtype == up.dtype == np.float32 \
+                    and gate.flags.c_contiguous and up.flags.c_contiguous:
+                out = np.empty(gate.shape, dtype=np.float32)
+                with fast.launch(self.backend.threads):
+                    fast.relu2_product(gate, up, out)
+                return out
             return np.square(np.maximum(gate, 0)) * up
         return gate / (1 + np.exp(-gate)) * up
 

@@ -225,10 +225,30 @@ def test_rmsnorm_quantize_equals_the_numpy_forward_pass(dim: int, tokens: int, s
     weight = rng.standard_normal(dim).astype(np.float32)
     model = SimpleNamespace(numerics="reference", config=SimpleNamespace(eps=1e-5))
     want_q, want_gamma = Transformer.quantize_activations(Transformer.rmsnorm(model, x, weight))
-    xq, gamma = np.empty((tokens, dim), dtype=np.int8), np.empty(tokens, dtype=np.float32)
-    nk.rmsnorm_quantize(x, weight, np.float32(1e-5), xq, gamma)
-    np.testing.assert_array_equal(xq, want_q)
-    np.testing.assert_array_equal(gamma, want_gamma[:, 0])
+    for kernel in (nk.rmsnorm_quantize, nk.rmsnorm_quantize_rows):  # on the calling thread, rows shared
+        xq, gamma = np.empty((tokens, dim), dtype=np.int8), np.empty(tokens, dtype=np.float32)
+        kernel(x, weight, np.float32(1e-5), xq, gamma)
+        np.testing.assert_array_equal(xq, want_q)
+        np.testing.assert_array_equal(gamma, want_gamma[:, 0])
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(tokens=st.integers(1, 9), width=st.integers(1, 300), seed=st.integers(0, 2**32 - 1),
+       special=st.lists(st.sampled_from([np.nan, np.inf, -np.inf, 0.0, -0.0, 1e30, -1e-45]), max_size=6))
+def test_relu2_product_equals_numpy(tokens: int, width: int, seed: int, special: list[float]) -> None:
+    """The compiled FFN activation gives numpy's max(gate, 0)² · up bit for bit, NaN, infinities,
+    signed zeros and overflow included."""
+    rng = np.random.default_rng(seed)
+    gate, up = (rng.standard_normal((2, tokens, width)) * 10).astype(np.float32)
+    flat_gate, flat_up = gate.reshape(-1), up.reshape(-1)
+    for i, value in enumerate(special):
+        flat_gate[(7 * i) % flat_gate.size] = value
+        flat_up[(5 * i + 3) % flat_up.size] = value
+    out = np.empty_like(gate)
+    with np.errstate(all="ignore"):
+        nk.relu2_product(gate, up, out)
+        want = np.square(np.maximum(gate, 0)) * up
+    np.testing.assert_array_equal(out.view(np.int32), want.view(np.int32))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

@@ -583,28 +583,56 @@ def _pairwise_sum(a: np.ndarray) -> np.float32:
     return sums[0]
 
 
+@numba.njit(inline="always")
+def _norm_quantize_row(row: np.ndarray, weight: np.ndarray, eps: np.float32, xq_row: np.ndarray,
+                       squares: np.ndarray, y: np.ndarray) -> np.float32:
+    """One row of `rmsnorm_quantize`; returns its γ (squares, y: scratch rows of the row's size)."""
+    dim = row.shape[0]
+    for d in range(dim):
+        squares[d] = row[d] * row[d]
+    mean = np.float32(np.float64(_pairwise_sum(squares)) / dim)
+    inv = np.float32(1.0) / np.sqrt(mean + eps)
+    amax = np.float32(0)
+    for d in range(dim):
+        y[d] = row[d] * inv * weight[d]
+        amax = max(amax, abs(y[d]))
+    g = np.float32(127.0 / max(np.float64(amax), 1e-5))
+    for d in range(dim):
+        xq_row[d] = np.int8(np.rint(y[d] * g))
+    return g
+
+
 @numba.njit(**_JIT)
 def rmsnorm_quantize(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.ndarray, gamma: np.ndarray) -> None:
     """Per row of x (T, D): y = x / sqrt(mean(x²) + ε) · w, then γ = 127 / max(|y|, 1e-5) and
     xq = rint(y·γ) as int8 — the same operations, in the same order and precision, as the
-    numpy RMSNorm and activation quantisation of transformer.py, so the results are identical."""
-    tokens, dim = x.shape
-    squares = np.empty(dim, np.float32)
-    y = np.empty(dim, np.float32)
-    for t in range(tokens):
-        row = x[t]
-        for d in range(dim):
-            squares[d] = row[d] * row[d]
-        mean = np.float32(np.float64(_pairwise_sum(squares)) / dim)
-        inv = np.float32(1.0) / np.sqrt(mean + eps)
-        amax = np.float32(0)
-        for d in range(dim):
-            y[d] = row[d] * inv * weight[d]
-            amax = max(amax, abs(y[d]))
-        g = np.float32(127.0 / max(np.float64(amax), 1e-5))
-        gamma[t] = g
-        for d in range(dim):
-            xq[t, d] = np.int8(np.rint(y[d] * g))
+    numpy RMSNorm and activation quantisation of transformer.py, so the results are identical.
+    On the calling thread: a generated token's row is done before numba's threads would start."""
+    dim = x.shape[1]
+    squares, y = np.empty(dim, np.float32), np.empty(dim, np.float32)
+    for t in range(x.shape[0]):
+        gamma[t] = _norm_quantize_row(x[t], weight, eps, xq[t], squares, y)
+
+
+@numba.njit(parallel=True, **_JIT)
+def rmsnorm_quantize_rows(x: np.ndarray, weight: np.ndarray, eps: np.float32, xq: np.ndarray,
+                          gamma: np.ndarray) -> None:
+    """`rmsnorm_quantize` with the rows shared among numba's threads (a prompt's or a batch's rows)."""
+    dim = x.shape[1]
+    for t in prange(x.shape[0]):
+        gamma[t] = _norm_quantize_row(x[t], weight, eps, xq[t], np.empty(dim, np.float32), np.empty(dim, np.float32))
+
+
+@numba.njit(parallel=True, **_JIT)
+def relu2_product(gate: np.ndarray, up: np.ndarray, out: np.ndarray) -> None:
+    """out = max(gate, 0)² · up elementwise (T, F), numpy's operations in numpy's order, rows shared
+    among numba's threads: BitNet's FFN activation in one pass instead of three."""
+    for t in prange(gate.shape[0]):
+        g, u, o = gate[t], up[t], out[t]
+        for f in range(g.shape[0]):
+            v = g[f]
+            r = v if v >= 0 or v != v else np.float32(0)  # np.maximum: a NaN passes through
+            o[f] = (r * r) * u[f]
 
 
 @numba.njit(**_JIT)
@@ -686,6 +714,8 @@ SIGNATURES = {
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
+    rmsnorm_quantize_rows: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
+    relu2_product: (_F32_MAT, _F32_MAT, _F32_MAT),
     rope: (types.Array(types.float32, 3, "A"), _F32_MAT, _F32_MAT, _F32_CUBE),
     attention: (_F32_CUBE, _F32_CUBE, _F32_CUBE, types.Array(types.boolean, 2, "C"), types.float32, _F32_CUBE),
 }
