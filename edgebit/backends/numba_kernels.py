@@ -315,6 +315,17 @@ def _gemv_rows_unpacked(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarr
             out[t, m] = _scaled(_codes_dot(codes, planes[t]) - x_sums[t], gamma[t], scale)
 
 
+@numba.njit(inline="always")
+def _decode_chunk(chunk: int, c0: int, c1: int, w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, out0: np.ndarray,
+                  out1: np.ndarray, out2: np.ndarray) -> tuple:
+    """Which weight slot work item `chunk` of `i2s_gemv` falls in (c0, c1: items of slots 0 and 1),
+    that weight and its output, and the item's rows start..stop."""
+    slot = 0 if chunk < c0 else 1 if chunk < c0 + c1 else 2
+    w, out, first = (w0, out0, 0) if slot == 0 else (w1, out1, c0) if slot == 1 else (w2, out2, c0 + c1)
+    start = (chunk - first) * DECODE_ROWS
+    return slot, w, out, start, min(w.shape[0], start + DECODE_ROWS)
+
+
 @numba.njit(parallel=True, **_JIT)
 def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamma: np.ndarray, scales: np.ndarray,
              out0: np.ndarray, out1: np.ndarray, out2: np.ndarray) -> None:
@@ -333,18 +344,13 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamm
     c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
     if tokens == 1:
         for chunk in prange(c0 + c1 + c2):
-            slot = 0 if chunk < c0 else 1 if chunk < c0 + c1 else 2
-            w, out, first = (w0, out0, 0) if slot == 0 else (w1, out1, c0) if slot == 1 else (w2, out2, c0 + c1)
-            start = (chunk - first) * DECODE_ROWS
-            _gemv_rows(w, planes[0], x_sums[0], gamma[0], scales[slot], out[0], start,
-                       min(w.shape[0], start + DECODE_ROWS))
+            slot, w, out, start, stop = _decode_chunk(chunk, c0, c1, w0, w1, w2, out0, out1, out2)
+            _gemv_rows(w, planes[0], x_sums[0], gamma[0], scales[slot], out[0], start, stop)
     else:
         for chunk in prange(c0 + c1 + c2):
-            slot = 0 if chunk < c0 else 1 if chunk < c0 + c1 else 2
-            w, out, first = (w0, out0, 0) if slot == 0 else (w1, out1, c0) if slot == 1 else (w2, out2, c0 + c1)
-            start = (chunk - first) * DECODE_ROWS
-            _gemv_rows_unpacked(w, planes, x_sums, gamma, scales[slot], out, start,
-                                min(w.shape[0], start + DECODE_ROWS), np.empty(x.shape[1], np.int16))
+            slot, w, out, start, stop = _decode_chunk(chunk, c0, c1, w0, w1, w2, out0, out1, out2)
+            _gemv_rows_unpacked(w, planes, x_sums, gamma, scales[slot], out, start, stop,
+                                np.empty(x.shape[1], np.int16))
 
 
 @numba.njit(inline="always")
