@@ -9,6 +9,7 @@ distinct random layers go through the decode kernel (`i2s_gemv`, one token), the
 only adds up the bytes: the difference is the arithmetic that the memory traffic does not hide.
 A 700 MB buffer is read between passes, as the head evicts the layers in the model, so every
 pass starts from DRAM. The head kernel (`head_f16`) is timed on a random 128256 × 2560 table.
+Needs the compiled kernels (`pip install 'edgebit[fast]'`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ import time
 import numba
 import numpy as np
 from idle import busy_share, wait_until_idle
-from kernels import LAYER, layer_weights
+from kernels import LAYER, layer_weights, slots_of
 from numba import prange
 
 from edgebit.backends import numba_kernels as nk
-from edgebit.backends.fast import kernels, read_only
 from edgebit.backends.machine import detect
 
 LAYERS = 30
@@ -71,8 +71,7 @@ def prepared_layers(rng: np.random.Generator) -> list[list[tuple[list[np.ndarray
     for _ in range(LAYERS):
         calls = []
         for rows, k in layer_weights(rng):
-            none = read_only(np.empty((0, k // 4), np.uint8))
-            slots = [*rows, *[none] * (3 - len(rows))]
+            slots = slots_of(rows, k)
             x = rng.integers(-127, 128, size=(1, k)).astype(np.int8)
             calls.append((slots, x, [np.empty((1, r.shape[0]), np.float32) for r in slots]))
         layers.append(calls)
@@ -85,9 +84,6 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--wait-idle", action="store_true")
     args = parser.parse_args()
-    fast = kernels()
-    if fast is None:
-        raise SystemExit("numba is not installed: pip install 'edgebit[fast]'")
     rng = np.random.default_rng(0)
     layers = prepared_layers(rng)
     head = (rng.standard_normal(HEAD_SHAPE, dtype=np.float32) * 0.02).astype(np.float16).view(np.int16)
@@ -100,7 +96,7 @@ def main() -> None:
     def decode() -> None:
         for calls in layers:
             for slots, x, outs in calls:
-                fast.i2s_gemv(*slots, x, gamma, scales, *outs)
+                nk.i2s_gemv(*slots, x, gamma, scales, *outs)
 
     def walk() -> None:
         for calls in layers:
@@ -108,7 +104,7 @@ def main() -> None:
                 stream(*slots, *outs)
 
     def lm_head() -> None:
-        fast.head_f16(head, hidden, logits)
+        nk.head_f16(head, hidden, logits)
 
     runs = {"decode kernel": (decode, weight_bytes), "stream, same walk": (walk, weight_bytes),
             "LM head (f16)": (lm_head, head.nbytes)}
@@ -119,7 +115,7 @@ def main() -> None:
         wait_until_idle()
     print(f"busy before: {busy_share():.0%}")
     for threads in (int(t) for t in args.threads.split(",")):
-        fast.set_threads(threads)
+        nk.set_threads(threads)
         best = {name: float("inf") for name in runs}
         for _ in range(args.repetitions + 1):  # the first round compiles
             for name, (run, _) in runs.items():  # interleaved, so a drifting host affects all alike

@@ -38,14 +38,19 @@ def layer_weights(rng: np.random.Generator) -> list[tuple[list[np.ndarray], int]
     return calls
 
 
+def slots_of(rows: list[np.ndarray], k: int) -> list[np.ndarray]:
+    """A call's weights padded to the kernels' three slots with (0, K/4) weights."""
+    none = read_only(np.empty((0, k // 4), np.uint8))
+    return [*rows, *[none] * (3 - len(rows))]
+
+
 def time_layer(kernel: str, calls: list, tokens: int, rng: np.random.Generator, repetitions: int) -> float:
     """Best wall time of one layer's four calls of `kernel` ("gemv" or "gemm") at `tokens` tokens."""
     fast = kernels()
     prepared = []
     for rows, k in calls:
         x = rng.integers(-127, 128, size=(tokens, k)).astype(np.int8)
-        none = read_only(np.empty((0, k // 4), np.uint8))
-        slots = [*rows, *[none] * (3 - len(rows))]
+        slots = slots_of(rows, k)
         outs = [np.empty((tokens, r.shape[0]), np.float32) for r in slots]
         prepared.append((slots, x, outs))
     gamma, scales = np.ones(tokens, np.float32), np.ones((3, 2), np.float32)
