@@ -1,7 +1,7 @@
 """How far generation is from the memory system's limit: the decode kernel, the same weight stream
 with almost no arithmetic, and the LM head, each read from DRAM.
 
-    python benchmarks/decode_ceiling.py [--threads 1,2] [--repetitions 5] [--wait-idle]
+    python benchmarks/decode_ceiling.py [--threads 2,1] [--repetitions 5] [--wait-idle]
 
 A generated 2B4T token reads 30 layers of I2_S rows (520 MB) and the f16 head (657 MB). Here 30
 distinct random layers go through the decode kernel (`i2s_gemv`, one token), then through a
@@ -19,7 +19,7 @@ import time
 
 import numba
 import numpy as np
-from idle import busy_share, wait_until_idle
+from idle import busy_share, settle
 from kernels import LAYER, layer_weights, slots_of
 from numba import prange
 
@@ -54,9 +54,7 @@ def stream(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, out0: np.ndarray, out
     """The decode kernel's walk over up to three weights (its work items, its prefetching), adding
     up each row's 16-bit words instead of multiplying them with activations."""
     w0, w1, w2 = w0.view(np.uint16), w1.view(np.uint16), w2.view(np.uint16)
-    c0 = (w0.shape[0] + nk.DECODE_ROWS - 1) // nk.DECODE_ROWS
-    c1 = (w1.shape[0] + nk.DECODE_ROWS - 1) // nk.DECODE_ROWS
-    c2 = (w2.shape[0] + nk.DECODE_ROWS - 1) // nk.DECODE_ROWS
+    c0, c1, c2 = nk.decode_items(w0, w1, w2)
     for chunk in prange(c0 + c1 + c2):
         _, w, out, start, stop = nk._decode_chunk(chunk, c0, c1, w0, w1, w2, out0, out1, out2)
         flat = w.reshape(-1)
@@ -111,9 +109,7 @@ def main() -> None:
     machine = detect()
     print(f"{machine.cpu_model}, {machine.cpus} cores; {weight_bytes / 1e6:.0f} MB of ternary rows, "
           f"{head.nbytes / 1e6:.0f} MB of head")
-    if args.wait_idle:
-        wait_until_idle()
-    print(f"busy before: {busy_share():.0%}")
+    settle(args.wait_idle)
     for threads in (int(t) for t in args.threads.split(",")):
         nk.set_threads(threads)
         best = {name: float("inf") for name in runs}

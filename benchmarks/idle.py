@@ -33,3 +33,10 @@ def wait_until_idle(max_busy: float = 0.1, timeout: float = 3600.0) -> float:
         time.sleep(10)
         share = busy_share()
     return share
+
+
+def settle(wait: bool) -> None:
+    """Wait for an idle machine if asked (`--wait-idle`), then print how busy it is before timing."""
+    if wait:
+        wait_until_idle()
+    print(f"busy before: {busy_share():.0%}")

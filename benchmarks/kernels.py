@@ -15,7 +15,7 @@ import argparse
 import time
 
 import numpy as np
-from idle import busy_share, wait_until_idle
+from idle import busy_share, settle
 from llvmlite.binding import get_host_cpu_name
 
 from edgebit.backends.compiled import NumbaBackend
@@ -80,9 +80,7 @@ def main() -> None:
     machine = detect()
     print(f"{machine.arch}, {machine.cpu_model} (LLVM: {get_host_cpu_name()}), {machine.cpus} cores; "
           f"{macs / 1e6:.1f} M weights a layer")
-    if args.wait_idle:
-        wait_until_idle()
-    print(f"busy before: {busy_share():.0%}")
+    settle(args.wait_idle)
     for threads in (int(t) for t in args.threads.split(",")):
         print(f"{threads} threads: the backend uses the decode kernel up to "
               f"{NumbaBackend(threads=threads).few_tokens()} tokens (its measured crossover, cached)")

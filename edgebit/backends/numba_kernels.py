@@ -317,6 +317,13 @@ def _gemv_rows_unpacked(packed: np.ndarray, planes: np.ndarray, x_sums: np.ndarr
 
 
 @numba.njit(inline="always")
+def decode_items(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray) -> tuple:
+    """How many parallel work items of DECODE_ROWS rows each weight slot of `i2s_gemv` makes."""
+    return ((w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS, (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS,
+            (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS)
+
+
+@numba.njit(inline="always")
 def _decode_chunk(chunk: int, c0: int, c1: int, w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, out0: np.ndarray,
                   out1: np.ndarray, out2: np.ndarray) -> tuple:
     """Which weight slot work item `chunk` of `i2s_gemv` falls in (c0, c1: items of slots 0 and 1),
@@ -340,9 +347,7 @@ def i2s_gemv(w0: np.ndarray, w1: np.ndarray, w2: np.ndarray, x: np.ndarray, gamm
     x_sums = np.empty(tokens, np.int64)
     planes = _planes(x, x_sums)
     w0, w1, w2 = w0.view(np.uint16), w1.view(np.uint16), w2.view(np.uint16)  # rows as 16-bit words
-    c0 = (w0.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
-    c1 = (w1.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
-    c2 = (w2.shape[0] + DECODE_ROWS - 1) // DECODE_ROWS
+    c0, c1, c2 = decode_items(w0, w1, w2)
     if tokens == 1:
         for chunk in prange(c0 + c1 + c2):
             slot, w, out, start, stop = _decode_chunk(chunk, c0, c1, w0, w1, w2, out0, out1, out2)
