@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--n-prompt", type=int, default=128)
     parser.add_argument("--n-gen", type=int, default=64)
     parser.add_argument("--shape", default="2b4t")
-    parser.add_argument("--lm-head", default=None, help="float32 | float16 | int8 (default: the loader's choice)")
+    parser.add_argument("--lm-head", default=None,
+                        help="float32 | float16 | int8 | screened (default: the loader's choice)")
     parser.add_argument("--wait-idle", action="store_true", help="wait for an idle machine before each backend")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()

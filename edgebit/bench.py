@@ -1,7 +1,9 @@
 """llama-bench-style measurements: prompt processing (pp N) and generation (tg N) in tokens/s, load time, peak RSS.
 
 `pp N` evaluates N random prompt tokens in one batch from an empty context (logits of the last
-one included); `tg N` generates N tokens one at a time from an empty context, greedy. Each test
+one included); `tg N` generates N tokens one at a time from an empty context, greedy, computing
+what greedy generation computes (the arg-max's exact logit: with a screened LM head, not every
+logit, `LMHead.top`). Each test
 is repeated and reported as mean ± standard deviation, after a short warm-up. Peak RSS is the
 high-water mark (VmHWM) of the process plus its helper lanes, so each backend is measured in a
 fresh process (`run_isolated`): one backend's arrays would otherwise count against the next.
@@ -26,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends.lm_head import TopK
 from .backends.machine import detect
 from .config import cache_dir, models_dir
 from .store import record_generated
@@ -126,6 +129,9 @@ def random_model(shape: str, directory: str | os.PathLike[str] | None = None, se
     return path
 
 
+GREEDY = TopK(1)
+
+
 def _rates(fn, n_tokens: int, repetitions: int) -> list[float]:
     rates = []
     for _ in range(repetitions):
@@ -156,7 +162,7 @@ def run_bench(path: str | os.PathLike[str], backend: str | None = None, threads:
         cache = model.new_cache()
         token = int(rng.integers(0, vocab))
         for _ in range(n_gen):
-            token = int(np.argmax(model.prefill(cache, [token])))
+            token = int(np.argmax(model.prefill(cache, [token], top=GREEDY)))
 
     model.prefill(model.new_cache(), prompt[:8] or [0])  # warm-up: scratch buffers, BLAS, page faults
     tests = [(name, n, fn) for name, n, fn in ((f"pp{n_prompt}", n_prompt, pp), (f"tg{n_gen}", n_gen, tg)) if n > 0]

@@ -20,7 +20,7 @@ import numpy as np
 
 from .backends import get_backend
 from .backends.fast import kernels
-from .backends.lm_head import LMHead
+from .backends.lm_head import LMHead, TopK
 from .backends.select import embedding_shape, model_shapes
 from .chat import format_chat
 from .classify import LABELS_KEY, TEMPLATE_KEY, LabelScorer, common_prefix, default_template
@@ -181,8 +181,9 @@ class Model:
         return arr
 
     def prefill(self, cache: KVCache, ids: Sequence[int], batch: int = DEFAULT_BATCH,
-                all_logits: bool = False) -> np.ndarray:
-        """Append `ids` to `cache` in batches; return logits of the last token (or of every token)."""
+                all_logits: bool = False, top: TopK | None = None) -> np.ndarray:
+        """Append `ids` to `cache` in batches; return logits of the last token (or of every token).
+        With `top`, only what a sampler needs of the last token's logits is exact (`LMHead.top`)."""
         arr = self._check_ids(ids)
         self._check_context(cache.length + arr.size)
         if arr.size == 0:
@@ -194,7 +195,7 @@ class Model:
                 rows.append(self.transformer.logits(hidden))
         if all_logits:
             return np.concatenate(rows)
-        return self.transformer.logits(hidden[-1:])[0]
+        return self.transformer.logits(hidden[-1:], top=None if top is None else [top])[0]
 
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """float32 logits (len(ids), vocab) of every position, from an empty context."""
@@ -251,7 +252,7 @@ class Model:
         seq = DecodeState(self, ids, max_tokens, sampler, [s for s in stops if s], constraint, gen)
         if max_tokens:
             seq.cache, seq.reused = self.prompt_cache.lookup(ids, self.new_cache)
-            seq.logits = self.prefill(seq.cache, ids[seq.reused:])
+            seq.logits = self.prefill(seq.cache, ids[seq.reused:], top=seq.needs())
             self.prompt_cache.store(ids, seq.cache)
         else:
             seq.done = True
@@ -269,10 +270,13 @@ class Model:
         if going:
             hidden = self.transformer.forward_rows(np.asarray([seq.last for seq in going]),
                                                    [seq.cache for seq in going])
+            needs = [seq.needs() for seq in going]
+            top = None if None in needs else needs
             if self.transformer.numerics == "ggml":  # ggml rounds a lone decode row to f16: keep rows apart
-                rows = [self.transformer.logits(hidden[r : r + 1])[0] for r in range(len(going))]
+                rows = [self.transformer.logits(hidden[r : r + 1], top=top and top[r : r + 1])[0]
+                        for r in range(len(going))]
             else:
-                rows = list(self.transformer.logits(hidden))
+                rows = list(self.transformer.logits(hidden, top=top))
             for seq, row in zip(going, rows, strict=True):
                 seq.logits = row
         return pieces
@@ -425,6 +429,11 @@ class DecodeState:
         self.last = -1
         self.done = False
         gen.finish_reason = "length"
+
+    def needs(self) -> TopK | None:
+        """What sampling the next token reads of its logits (None: all; a constraint may rule out
+        any token, so a constrained sequence always gets them all)."""
+        return None if self.constraint is not None else self.sampler.needs(self.history)
 
     def advance(self) -> str:
         """Sample the next token from the held logits; returns the text now safe to release. Sets

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .backends.lm_head import TopK
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -68,12 +70,26 @@ class Sampler:
         self.params = params
         self.rng = np.random.default_rng(params.seed)
 
+    def _penalized(self, history: Sequence[int]) -> np.ndarray:
+        """The tokens whose logits the repetition penalty changes (sorted, none when it is off)."""
+        p = self.params
+        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or not history:
+            return np.empty(0, dtype=np.int64)
+        return np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
+
+    def needs(self, history: Sequence[int] = ()) -> TopK | None:
+        """What this sampler reads of the next logits, for a head that can compute just that: the
+        exact values of the top k (1 when greedy) and of the penalised tokens; None: all of them."""
+        p = self.params
+        k = 1 if p.temperature <= 0 else p.top_k
+        return TopK(k, tuple(self._penalized(history).tolist())) if k > 0 else None
+
     def penalize(self, logits: np.ndarray, history: Sequence[int]) -> np.ndarray:
         """llama.cpp's repetition penalty: divide positive logits, multiply negative ones."""
         p = self.params
-        if p.repeat_penalty == 1.0 or p.repeat_last_n == 0 or not history:
+        recent = self._penalized(history)
+        if not recent.size:
             return logits
-        recent = np.unique(np.asarray(history[-p.repeat_last_n :], dtype=np.int64))
         logits = logits.astype(np.float64)
         values = logits[recent]
         logits[recent] = np.where(values > 0, values / p.repeat_penalty, values * p.repeat_penalty)

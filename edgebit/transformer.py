@@ -18,7 +18,7 @@ BitLinear's scaling of them, are one call per group of projections that share an
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from .backends import Backend
 from .backends.fast import kernels
-from .backends.lm_head import LMHead
+from .backends.lm_head import LMHead, TopK
 from .backends.select import choose_lm_head, model_shapes
 from .gguf import GGUFError, GGUFFile
 from .quants import dequantize
@@ -224,8 +224,7 @@ class Transformer:
         self._check_tensors(gguf)
         embedding = self._embedding(gguf)  # (n_vocab, n_embd), f16 view of the file or float32
         mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), embedding.shape)
-        self.lm_head = LMHead(embedding, mode, backend.threads)  # tied to token_embd
-        self.token_embd = self.lm_head.embedding  # the same values, from the head's copy if it made one
+        self.lm_head = LMHead(embedding, mode, backend.threads)  # tied to token_embd, which it looks up
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
         self.layers = []
         for i in range(cfg.n_layer):
@@ -462,7 +461,7 @@ class Transformer:
         for seg in segments:
             seg.cache.reserve(seg.cache.length + seg.stop - seg.start)
 
-        h = self.token_embd[ids].astype(np.float32)
+        h = self.lm_head.lookup(ids)
         tables = [self.rope_tables(seg.positions) for seg in segments]
         for i, layer in enumerate(self.layers):
             # attention block
@@ -493,10 +492,14 @@ class Transformer:
             seg.cache.length += seg.stop - seg.start
         return h
 
-    def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None) -> np.ndarray:
+    def logits(self, hidden: np.ndarray, ids: np.ndarray | None = None,
+               top: Sequence[TopK] | None = None) -> np.ndarray:
         """Final norm and the tied LM head for the given hidden rows → float32 (rows, n_vocab),
-        or (rows, len(ids)) for only the vocabulary entries `ids`."""
+        or (rows, len(ids)) for only the vocabulary entries `ids`; with `top` (one per row), only the
+        entries each row's sampler looks at are exact, the rest may be -inf (`LMHead.top`)."""
         x = self.rmsnorm(hidden, self.output_norm)
         if self.numerics == "ggml" and x.shape[0] == 1:
             x = _f16_round(x)  # ggml rounds a single row to f16 before an f16 mat-vec
-        return self.lm_head(x) if ids is None else self.lm_head.columns(x, ids)
+        if ids is not None:
+            return self.lm_head.columns(x, ids)
+        return self.lm_head(x) if top is None else self.lm_head.top(x, top)

@@ -37,7 +37,7 @@ def test_load_reports_kernel_compilation(tiny_model: Path) -> None:
     model = edgebit.load(tiny_model, backend="numba", compile_progress=lambda done, total: calls.append((done, total)))
     total = len(fast.kernels().SIGNATURES)
     assert calls == [(i, total) for i in range(1, total + 1)]
-    assert model.info["backend"] == "numba" and model.transformer.lm_head.mode == "float16"
+    assert model.info["backend"] == "numba" and model.transformer.lm_head.mode == "screened"
 
 
 def test_without_numba_everything_falls_back_and_says_why(tiny_model: Path, tmp_path: Path) -> None:
@@ -75,17 +75,73 @@ def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> No
 
 
 def test_token_lookups_read_the_heads_copy_not_the_file(tiny_model: Path) -> None:
-    """With the compiled head the f16 embedding is copied out of the file at load; looking tokens up
+    """With the compiled f16 head the embedding is copied out of the file at load; looking tokens up
     in the file mapping again would fault its pages back into the resident set."""
     from edgebit.backends.memory import _mapping_of
 
-    model = edgebit.load(tiny_model, backend="numba")
-    transformer = model.transformer
-    assert _mapping_of(transformer.token_embd) is None
-    assert transformer.token_embd.dtype == np.float16
-    assert np.shares_memory(transformer.token_embd, transformer.lm_head.exact_source)
+    model = edgebit.load(tiny_model, backend="numba", lm_head="float16")
+    head = model.transformer.lm_head
+    assert _mapping_of(head.embedding) is None
+    assert head.embedding.dtype == np.float16
+    assert np.shares_memory(head.embedding, head.exact_source)
     numpy_only = edgebit.load(tiny_model, backend="dense")
-    np.testing.assert_array_equal(transformer.token_embd, numpy_only.transformer.token_embd)
+    np.testing.assert_array_equal(head.embedding, numpy_only.transformer.lm_head.embedding)
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 0, "repeat_penalty": 1.3},
+                                      {"temperature": 0.9, "top_k": 5, "seed": 3},
+                                      {"temperature": 0.9, "top_k": 40, "repeat_penalty": 1.2, "seed": 4}])
+def test_screened_head_generates_what_the_full_head_does(tiny_model: Path, sampling: dict) -> None:
+    """Greedy and top-k sampling (penalised or not) read only a few exact logits from the screened
+    head, and produce the same tokens as from every logit; one sequence at a time or stepped together."""
+    from edgebit.backends.lm_head import TopK
+    from edgebit.sampling import Sampler, SamplingParams
+
+    screened = edgebit.load(tiny_model, backend="numba")
+    full = edgebit.load(tiny_model, backend="numba", lm_head="float16")
+    kept = np.isfinite(screened.prefill(screened.new_cache(), [1, 2, 3], top=TopK(1)))
+    assert 0 < kept.sum() < kept.size  # the screen does rule tokens out on this model
+    prompts = ["hello there", "the boiler is at 95C and", "x"]
+    for prompt in prompts:
+        assert screened.generate(prompt, max_tokens=16, **sampling) == full.generate(prompt, max_tokens=16, **sampling)
+
+    def stepped(model: edgebit.Model) -> list[list[int]]:
+        seqs = [model.start(model.tokenizer.encode(p), 12, Sampler(SamplingParams(**sampling))) for p in prompts]
+        while not all(seq.done for seq in seqs):
+            model.step(seqs)
+        return [seq.gen.token_ids for seq in seqs]
+
+    assert stepped(screened) == stepped(full)
+
+
+def _present_pages(array: np.ndarray) -> int:
+    """How many of the pages wholly inside `array` are mapped into this process now
+    (/proc/self/pagemap's present bit; the pages at its ends may hold other tensors too)."""
+    import mmap
+
+    first = -(-array.ctypes.data // mmap.PAGESIZE)
+    last = (array.ctypes.data + array.nbytes) // mmap.PAGESIZE - 1
+    with open("/proc/self/pagemap", "rb") as pagemap:
+        pagemap.seek(first * 8)
+        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype=np.uint64)
+    return int(((entries >> np.uint64(63)) & np.uint64(1)).sum())
+
+
+@pytest.mark.skipif(not Path("/proc/self/pagemap").exists(), reason="needs Linux's /proc/self/pagemap")
+def test_screened_head_keeps_no_f16_pages(tiny_model: Path) -> None:
+    """The screened head reads its f16 rows from the file and gives the pages back after every
+    lookup, every exact column and every full call: none stays in the resident set."""
+    from edgebit.backends.memory import _mapping_of
+
+    model = edgebit.load(tiny_model, backend="numba")
+    head = model.transformer.lm_head
+    assert head.mode == "screened" and _mapping_of(head.exact_source) is not None
+    model.generate("hello there", max_tokens=4, temperature=0)
+    model.generate("hello there", max_tokens=4, temperature=0.8, top_k=0, seed=1)  # full logits
+    model.classify("boiler 95C", labels=["ok", "critical"])
+    assert _present_pages(head.exact_source) == 0
+    np.asarray(head.exact_source[:50]).sum()  # the check itself sees pages that are read
+    assert _present_pages(head.exact_source) > 0
 
 
 SHARED_MODEL = """

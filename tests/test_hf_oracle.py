@@ -77,7 +77,7 @@ def relative_error(got: np.ndarray, ref: np.ndarray) -> float:
 def test_gguf_round_trip(pair: Pair) -> None:
     """edgebit reads back exactly the codes, scales, embedding and norms transformers computes with."""
     t = pair.edgebit.transformer
-    np.testing.assert_array_equal(t.token_embd, pair.hf.model.embed_tokens.weight.detach().numpy())
+    np.testing.assert_array_equal(t.lm_head.embedding, pair.hf.model.embed_tokens.weight.detach().numpy())
     for i, layer in enumerate(pair.hf.model.layers):
         for name, module in NORMS.items():
             expected = layer.get_submodule(module).weight.detach().numpy()

@@ -277,3 +277,89 @@ def test_softmax_exp_is_within_an_ulp(xs: list[float]) -> None:
             assert abs(np.float64(got) - want) <= np.spacing(np.float32(want)), (x, got, want)
         else:
             assert 0 <= got < 2e-38
+
+
+def _embedding(rng: np.random.Generator, vocab: int, dim: int, kind: str) -> np.ndarray:
+    """f16 embeddings that stress the screen: ordinary rows, exact duplicates (tied logits), rows with
+    one outlier (a loose bound), subnormal and zero rows, and rows holding inf or NaN."""
+    e = (rng.standard_normal((vocab, dim)) * 0.05).astype(np.float16)
+    if kind == "ties":
+        e[1::2] = e[0::2][: vocab // 2]
+    elif kind == "outliers":
+        e[np.arange(vocab), rng.integers(0, dim, vocab)] = np.float16(60000)
+    elif kind == "tiny":
+        e[: vocab // 2] = np.float16(6e-8)
+        e[-1] = 0
+    elif kind == "non-finite":
+        e[rng.integers(0, vocab, 3), rng.integers(0, dim, 3)] = [np.inf, -np.inf, np.nan]
+    return e
+
+
+def test_screen_codes_are_rounded_row_absmax() -> None:
+    rng = np.random.default_rng(3)
+    e = _embedding(rng, 40, 70, "tiny")
+    e[3, 5], e[7, 0] = np.inf, np.nan
+    codes, scale = np.empty(e.shape, dtype=np.int8), np.empty(40, dtype=np.float32)
+    bits = e.view(np.int16)
+    bits.flags.writeable = False
+    nk.screen_codes(bits, codes, scale)
+    wide = e.astype(np.float32)
+    finite = np.isfinite(wide).all(axis=1)
+    top = np.abs(wide).max(axis=1)
+    want_scale = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
+    np.testing.assert_array_equal(scale[finite], want_scale[finite])
+    assert np.isnan(scale[~finite]).all() and not codes[~finite].any()
+    np.testing.assert_array_equal(codes[finite], np.rint(wide[finite] / want_scale[finite, None]))
+
+
+@settings(max_examples=max(EXAMPLES // 2, 5), deadline=None)
+@given(vocab=st.integers(1, 700), dim=st.sampled_from([1, 7, 64, 300, 2560]), tokens=st.integers(1, 3),
+       kind=st.sampled_from(["normal", "ties", "outliers", "tiny", "non-finite"]),
+       x_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e4, 1e36, np.inf]), k=st.integers(1, 50),
+       penalised=st.lists(st.integers(0, 699), max_size=5), seed=st.integers(0, 2**32 - 1))
+def test_screened_top_is_the_exact_heads_top(vocab: int, dim: int, tokens: int, kind: str, x_scale: float, k: int,
+                                             penalised: list[int], seed: int) -> None:
+    """What the screened head keeps of a row is the full exact head's values, bit for bit, and it
+    keeps every token of the exact top k (so the arg-max and the top-k sampler see the same), on
+    embeddings and activations made to break its error bound."""
+    from edgebit.backends.lm_head import LMHead, TopK
+
+    rng = np.random.default_rng(seed)
+    e = _embedding(rng, vocab, dim, kind)
+    with np.errstate(all="ignore"):
+        x = (rng.standard_normal((tokens, dim)) * x_scale).astype(np.float32)
+    include = tuple(i for i in penalised if i < vocab)
+    wants = [TopK(k, include if t == 0 else ()) for t in range(tokens)]
+    full = LMHead(e, "float16", threads=2)(x)
+    screened = LMHead(e, "screened", threads=2)
+    got = screened.top(x, wants)
+    for t, want in enumerate(wants):
+        exact = got[t].view(np.int32) == full[t].view(np.int32)
+        assert (exact | (got[t] == -np.inf)).all()  # a value it keeps is the exact head's
+        assert exact[list(want.include)].all()
+        ranked = np.nan_to_num(full[t], nan=np.inf)  # NaN ranks first, as it does for np.argmax
+        kth = np.sort(ranked)[::-1][min(want.k, vocab) - 1]
+        assert exact[ranked >= kth].all()  # the top k, and every token tied with the k-th
+        assert np.argmax(got[t]) == np.argmax(full[t])
+
+
+def test_screen_keeps_a_top_token_its_rounding_hid() -> None:
+    """The screen's bound is nearly reached: token 0 is every code plus 31/64 of a step (rounded
+    down), token 1 is those codes plus one on 95 % of the row, minus 31/64 (rounded up). With x all
+    ones token 1's estimate is 0.95·s·‖x‖₁ higher, but token 0's exact logit is the larger: a bound
+    below 0.475·s·‖x‖₁ would rule the top token out."""
+    from edgebit.backends.lm_head import LMHead, TopK
+
+    rng = np.random.default_rng(5)
+    dim, step, offset = 2560, 2.0**-10, 31 / 64  # every value below is exact in f16
+    q = rng.integers(0, 30, dim)
+    up = (np.arange(dim) < dim * 95 // 100).astype(int)
+    rows = np.stack([(q + offset) * step, (q + up - offset) * step])
+    rows[:, 0] = 127 * step  # fixes both rows' scale at exactly `step`
+    e = np.concatenate([rows, rng.standard_normal((500, dim)) * 0.02]).astype(np.float16)
+    assert np.array_equal(e[:2].astype(np.float64), rows)
+    x = np.ones((1, dim), dtype=np.float32)
+    full = LMHead(e, "float16", threads=2)(x)
+    assert np.argmax(full[0]) == 0
+    got = LMHead(e, "screened", threads=2).top(x, [TopK(1)])
+    assert np.argmax(got[0]) == 0 and got[0, 0] == full[0, 0]

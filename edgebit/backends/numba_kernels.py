@@ -107,6 +107,7 @@ _U8_ROWS = types.Array(types.uint8, 2, "C", readonly=True)
 _I16_ROWS_RO = types.Array(types.int16, 2, "C", readonly=True)
 _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
 _I8_MAT = types.Array(types.int8, 2, "C")
+_I8_ROWS_RO = types.Array(types.int8, 2, "C", readonly=True)
 _F32_VEC = types.Array(types.float32, 1, "C")
 _F32_MAT = types.Array(types.float32, 2, "C")
 _F32_CUBE = types.Array(types.float32, 3, "C")
@@ -551,6 +552,50 @@ def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 out[t, v] = _dot_f32(embedding[v], x[t])
 
 
+
+@numba.njit(parallel=True, **_JIT)
+def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
+    """The int8 screen of an f16 embedding (int16 bits, V × D): per row scale = max|E| / 127 (1 for a
+    zero row) and codes = rint(E / scale); a row holding a non-finite value gets scale NaN, codes 0."""
+    vocab, dim = embedding.shape
+    for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
+        for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
+            row = embedding[v]
+            top = np.float32(0)
+            finite = True
+            for d in range(dim):
+                w = _half_to_float(row[d])
+                finite = finite and np.isfinite(w)
+                top = max(top, abs(w))
+            if not finite:
+                scale[v] = np.float32(np.nan)
+                codes[v, :] = 0
+                continue
+            s = top / np.float32(127) if top > 0 else np.float32(1)
+            scale[v] = s
+            for d in range(dim):
+                codes[v, d] = np.int8(np.rint(_half_to_float(row[d]) / s))
+
+
+@numba.njit(inline="always", fastmath={"reassoc"})
+def _dot_i8(codes: np.ndarray, x: np.ndarray) -> np.float32:
+    total = np.float32(0)
+    for k in range(codes.shape[0]):
+        total += np.float32(codes[k]) * x[k]
+    return total
+
+
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def head_i8(codes: np.ndarray, scale: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, v] = scale[v]·Σ_d codes[v, d]·x[t, d]: the screen's estimate of every logit (half the
+    bytes of the f16 head)."""
+    vocab = codes.shape[0]
+    for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
+        for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
+            for t in range(x.shape[0]):
+                out[t, v] = _dot_i8(codes[v], x[t]) * scale[v]
+
+
 @numba.njit(inline="always")
 def _block_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
     """numpy's float32 sum of a[lo:lo+n] for n ≤ 128: 8 accumulators, then a fixed tree."""
@@ -741,6 +786,8 @@ SIGNATURES = {
     _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_VEC, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
+    screen_codes: (_I16_ROWS_RO, _I8_MAT, _F32_VEC),
+    head_i8: (_I8_ROWS_RO, _F32_VEC, _F32_MAT, _F32_MAT),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
     rmsnorm_quantize_rows: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
     relu2_product: (_F32_MAT, _F32_MAT, _F32_MAT),
