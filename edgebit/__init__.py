@@ -25,8 +25,10 @@ def load(path: str | os.PathLike[str], backend: str | None = None, threads: int 
     numerics: "reference" (plain float32, the model's math) or "ggml" (bitnet.cpp's f16 roundings).
     activation: override the FFN activation ("relu2" or "silu") for mislabelled files.
     progress: called as progress(layers_done, layers_total) while the weights are prepared.
-    lm_head: "float32" or "float16" (exact), "int8" (approximate, opt-in); None: float16 with the
-        compiled kernels, else float32 if it fits.
+    lm_head: "float32", "float16" or "screened" (exact), "int8" (approximate, opt-in); None:
+        screened with the compiled kernels (greedy and top-k tokens read an int8 screen plus a few
+        exact f16 rows; every logit costs ~2x there, so prefer float16 where most requests need
+        all of them, e.g. sampling with top_k=0), else float32 if it fits.
     compile_progress: called as progress(kernels_done, kernels_total) while the compiled kernels are
         compiled for this CPU (first run, seconds) or loaded from the on-disk cache.
     """

@@ -213,8 +213,8 @@ class Transformer:
                  lm_head: str | None = None) -> None:
         """Read and prepare every weight; `progress(done, total)` is called after each layer.
 
-        lm_head: resident form of the tied head, "float32" or "float16" (both exact) or "int8"
-        (approximate, opt-in); None chooses float32 when it fits in memory, else float16.
+        lm_head: resident form of the tied head, "float32", "float16" or "screened" (exact) or "int8"
+        (approximate, opt-in); None: `select.choose_lm_head`.
         """
         if numerics not in NUMERICS:
             raise ValueError(f"numerics must be one of {NUMERICS}, not {numerics!r}")

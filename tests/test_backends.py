@@ -298,6 +298,15 @@ def test_lm_head_columns_are_the_full_heads_columns(mode: str) -> None:
     np.testing.assert_allclose(head.columns(x, ids), full[:, ids], rtol=1e-6, atol=1e-6 * np.abs(full).max())
 
 
+@pytest.mark.parametrize("mode", ["float16", "float32", "int8", "screened"])
+def test_lm_head_columns_refuse_ids_outside_the_vocabulary(mode: str) -> None:
+    embedding = np.zeros((50, 64), dtype=np.float16)
+    head, x = LMHead(embedding, mode, threads=1), np.ones((1, 64), dtype=np.float32)
+    for ids in ([50], [-1], [3, 1 << 40]):
+        with pytest.raises(IndexError, match="0..49"):
+            head.columns(x, ids)
+
+
 def test_lm_head_int8_is_close_and_smaller() -> None:
     rng = np.random.default_rng(8)
     embedding = (rng.standard_normal((2000, 64)) * 0.05).astype(np.float16)

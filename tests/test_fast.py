@@ -206,3 +206,13 @@ def test_a_changed_kernel_source_is_measured_again(tmp_path: Path, monkeypatch: 
     path.write_text(json.dumps(other), encoding="utf-8")
     compiled.NumbaBackend(threads=1).few_tokens()
     assert set(json.loads(path.read_text(encoding="utf-8"))) == {stale, key}  # measured anew, beside the old
+
+
+def test_http_serving_loads_the_full_f16_head() -> None:
+    """OpenAI-style requests sample with top_k off, from every logit: the HTTP face loads the f16
+    head unless told otherwise; the MQTT node keeps the loader's choice (screened)."""
+    from edgebit.cli.serve import head_form
+
+    assert head_form(None, http=True) == "float16"
+    assert head_form(None, http=False) is None
+    assert head_form("screened", http=True) == "screened"

@@ -272,12 +272,18 @@ class LMHead:
         columns of `self(x)` up to float32 rounding (another call shape sums in another order), the
         same bits in every mode (used where only a few tokens are scored)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        ids = np.asarray(ids, dtype=np.intp)
-        if self._fast is not None:
-            out = self._compiled(x, self.exact_source[ids])
+        ids = np.ascontiguousarray(ids, dtype=np.intp)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
+            raise IndexError(f"vocabulary ids must be in 0..{self.shape[0] - 1}")
+        if self._fast is not None and self.exact_source.dtype == np.int16:  # the rows read where they lie
+            out = np.empty((x.shape[0], ids.size), dtype=np.float32)
+            with self._fast.launch(self.workers.threads):
+                self._fast.head_f16_rows(self.exact_source, ids, x, out)
             if self.mode == "screened":
                 release_file_pages(self.exact_source)
             return out
+        if self._fast is not None:
+            return self._compiled(x, self.exact_source[ids])
         if self.mode == "float16":
             rows = f16_to_f32(self.weight[ids], np.empty((ids.size, self.shape[1]), dtype=np.float32))
         else:

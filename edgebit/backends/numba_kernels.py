@@ -543,6 +543,16 @@ def head_f16(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 
 
 @numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def head_f16_rows(embedding: np.ndarray, ids: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
+    """out[t, i] = Σ_d E[ids[i], d]·x[t, d]: `head_f16`'s logits of the vocabulary entries `ids`
+    only, read where they lie (the same per-row loop, so the same bits)."""
+    for chunk in prange((ids.shape[0] + HEAD_ROWS - 1) // HEAD_ROWS):
+        for i in range(chunk * HEAD_ROWS, min(ids.shape[0], (chunk + 1) * HEAD_ROWS)):
+            for t in range(x.shape[0]):
+                out[t, i] = _dot_f16(embedding[ids[i]], x[t])
+
+
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
 def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
     """out[t, v] = Σ_d E[v, d]·x[t, d] for a float32 embedding (V, D)."""
     vocab = embedding.shape[0]
@@ -785,6 +795,7 @@ SIGNATURES = {
     i2s_gemv: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_VEC, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT),
     _i2s_gemm: (_U8_ROWS, _U8_ROWS, _U8_ROWS, _I8_MAT, _F32_VEC, _F32_MAT, _F32_MAT, _F32_MAT, _F32_MAT, types.intp),
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
+    head_f16_rows: (_I16_ROWS_RO, types.Array(types.intp, 1, "C"), _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     screen_codes: (_I16_ROWS_RO, _I8_MAT, _F32_VEC),
     head_i8: (_I8_ROWS_RO, _F32_VEC, _F32_MAT, _F32_MAT),

@@ -15,6 +15,8 @@ from dataclasses import replace
 import click
 
 from .. import __version__, config, load
+from ..backends.fast import kernels
+from ..backends.lm_head import MODES
 from ..mqtt.config import ConfigError, ServeConfig, load_config
 from ..mqtt.service import Service
 from . import main
@@ -98,6 +100,11 @@ FILE = click.Path(dir_okay=False)
               show_default=True,
               help="embedded: run an MQTT broker (amqtt, MQTT 3.1.1) inside this process on the configured "
                    "host and port, for a single-box site; needs `pip install 'edgebit[broker]'`.")
+@click.option("--lm-head", type=click.Choice(MODES), default=None,
+              help="Resident form of the LM head. Default: float16 with --http (OpenAI-style requests sample "
+                   "from every logit, which the screened head reads from the file at ~2x the cost), else "
+                   "the loader's choice (screened with the compiled kernels: greedy and top-k tokens read "
+                   "half the bytes, ~0.2 GB less memory).")
 @backend_option
 @threads_option
 @kv_option
@@ -105,7 +112,8 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
           api_key_file: str | None, parallel: int, max_queue: int, max_body: int, host: str | None, port: int | None,
           username: str | None, password_file: str | None, client_id: str | None, ca: str | None,
           cert: str | None, key: str | None, insecure: bool | None, node_id: str | None, check: bool,
-          broker_mode: str, backend: str | None, threads: int | None, kv_dtype: str) -> None:
+          broker_mode: str, lm_head: str | None, backend: str | None, threads: int | None,
+          kv_dtype: str) -> None:
     """Serve MODEL over MQTT with the tasks of a configuration file, and/or over HTTP (--http).
 
     Settings precedence: flag > EDGEBIT_* environment > --config file > config.toml > default.
@@ -140,6 +148,7 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
         raise click.UsageError("give --config FILE (the MQTT node), --http [HOST:PORT], or both")
     path = resolve_model(one_model(model, model_opt))
     http = _http_settings(http_listen, api_key_file) if http_listen is not None else None
+    head = head_form(lm_head, http is not None)
     if broker_mode == "embedded":  # amqtt speaks MQTT 3.1.1 only, which has no shared subscriptions
         if cfg is None:
             raise click.UsageError("--broker embedded runs a broker for the MQTT node: give --config FILE too")
@@ -162,17 +171,27 @@ def serve(model: str | None, model_opt: str | None, config_path: str | None, htt
             raise click.ClickException(str(exc)) from None
     try:
         if http is None:
-            service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype),
-                              __version__, threads=threads)
+            service = Service(cfg, lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype,
+                                                lm_head=head), __version__, threads=threads)
             _stop_on_signals(service.stop)
             code = service.run()
         else:
             code = _serve_both(path, cfg, http, parallel, max_queue, max_body,
-                               lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype), threads)
+                               lambda: load(path, backend=backend, threads=threads, kv_dtype=kv_dtype,
+                                            lm_head=head), threads)
     finally:
         if embedded is not None:
             embedded.stop()
     sys.exit(code)
+
+
+def head_form(lm_head: str | None, http: bool) -> str | None:
+    """The LM head to load: the user's choice; for the HTTP API the f16 head when the loader would
+    pick the screened one, since OpenAI-style requests (top_k off) need every exact logit; else
+    None (the loader's choice)."""
+    if lm_head is not None or not http:
+        return lm_head
+    return "float16" if kernels() is not None else None
 
 
 def _http_settings(listen: str, api_key_file: str | None) -> tuple[str, int, list[str]]:
