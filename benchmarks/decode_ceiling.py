@@ -3,12 +3,14 @@ with almost no arithmetic, and the LM head, each read from DRAM.
 
     python benchmarks/decode_ceiling.py [--threads 2,1] [--repetitions 5] [--wait-idle]
 
-A generated 2B4T token reads 30 layers of I2_S rows (520 MB) and the f16 head (657 MB). Here 30
+A generated 2B4T token reads 30 layers of I2_S rows (520 MB) and the LM head: the f16 table
+(657 MB) for every logit, or its int8 screen (328 MB) for a greedy or top-k token. Here 30
 distinct random layers go through the decode kernel (`i2s_gemv`, one token), then through a
 "stream" kernel that walks the same rows in the same work items with the same prefetching but
 only adds up the bytes: the difference is the arithmetic that the memory traffic does not hide.
 A 700 MB buffer is read between passes, as the head evicts the layers in the model, so every
-pass starts from DRAM. The head kernel (`head_f16`) is timed on a random 128256 × 2560 table.
+pass starts from DRAM. The head kernels (`head_f16`, `head_i8`) are timed on a random 128256 × 2560
+table.
 Needs the compiled kernels (`pip install 'edgebit[fast]'`).
 """
 
@@ -87,6 +89,10 @@ def main() -> None:
     head = (rng.standard_normal(HEAD_SHAPE, dtype=np.float32) * 0.02).astype(np.float16).view(np.int16)
     hidden = rng.standard_normal((1, HEAD_SHAPE[1]), dtype=np.float32)
     logits = np.empty((1, HEAD_SHAPE[0]), np.float32)
+    screen, screen_scale = np.empty(HEAD_SHAPE, np.int8), np.empty(HEAD_SHAPE[0], np.float32)
+    head.flags.writeable = False  # as the file's pages are: the signature the kernels are compiled for
+    nk.screen_codes(head, screen, screen_scale)
+    screen.flags.writeable = False
     buffer = np.ones(EVICT_BYTES, np.uint8)
     gamma, scales = np.ones(1, np.float32), np.ones((3, 2), np.float32)
     weight_bytes = sum(sum(outs) * k for outs, k in LAYER) * LAYERS // 4
@@ -104,8 +110,11 @@ def main() -> None:
     def lm_head() -> None:
         nk.head_f16(head, hidden, logits)
 
+    def lm_screen() -> None:
+        nk.head_i8(screen, screen_scale, hidden, logits)
+
     runs = {"decode kernel": (decode, weight_bytes), "stream, same walk": (walk, weight_bytes),
-            "LM head (f16)": (lm_head, head.nbytes)}
+            "LM head (f16)": (lm_head, head.nbytes), "LM head screen (i8)": (lm_screen, screen.nbytes)}
     machine = detect()
     print(f"{machine.cpu_model}, {machine.cpus} cores; {weight_bytes / 1e6:.0f} MB of ternary rows, "
           f"{head.nbytes / 1e6:.0f} MB of head")
@@ -120,7 +129,7 @@ def main() -> None:
                 run()
                 best[name] = min(best[name], time.perf_counter() - start)
         for name, (_, nbytes) in runs.items():
-            print(f"{threads} threads  {name:<18} {best[name] * 1e3:7.1f} ms  {nbytes / best[name] / 1e9:5.1f} GB/s")
+            print(f"{threads} threads  {name:<19} {best[name] * 1e3:7.1f} ms  {nbytes / best[name] / 1e9:5.1f} GB/s")
     print(f"busy after: {busy_share():.0%}")
 
 
