@@ -70,6 +70,10 @@ class TopK:
     k: int
     include: tuple[int, ...] = ()
 
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"TopK needs k >= 1, not {self.k}")
+
 
 def _f16_bits_to_scaled_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
     """f16 values (int16 view) → their float32 value × 2^-112, exactly, as int32 bits in `out`."""
@@ -122,6 +126,7 @@ class LMHead:
             self.weight, self.row_scale = self._quantize(embedding)
         else:
             self.screen, self.screen_scale = self._build_screen()
+            self._largest_scale = float(self.screen_scale[np.isfinite(self.screen_scale)].max(initial=0))
 
     @staticmethod
     def resident_bytes(mode: str, shape: tuple[int, int]) -> int:
@@ -202,8 +207,6 @@ class LMHead:
             for start, rows in self._file_slices():
                 stop = start + rows.shape[0]
                 self._fast.screen_codes(rows, codes[start:stop], scale[start:stop])
-        finite = scale[np.isfinite(scale)]
-        self._largest_scale = float(finite.max(initial=0))
         return read_only(codes), scale
 
     def _file_slices(self) -> Iterator[tuple[int, np.ndarray]]:
