@@ -322,8 +322,10 @@ class LMHead:
         # or its scaled estimates and bounds could overflow float32.
         if not norm * 127 * max(self._largest_scale * 2, 1) < 1e38 or want.k >= self.shape[0] - include.size:
             return np.arange(self.shape[0])
-        slack = norm * (0.5 + 256 * self.shape[1] * 2.0**-24) * (1 + 2.0**-10)
-        bound = self.screen_scale * np.float32(slack)
+        slack = np.float32(norm * (0.5 + 256 * self.shape[1] * 2.0**-24) * (1 + 2.0**-10))
+        if want.k == 1:
+            return self._fast.screen_top1(read_only(estimate), self.screen_scale, slack, include)
+        bound = self.screen_scale * slack
         low = estimate - bound
         low[np.isnan(low)] = -np.inf
         low[include] = -np.inf  # their values change after this (a penalty): they do not compete

@@ -109,6 +109,7 @@ _F32_ROWS_RO = types.Array(types.float32, 2, "C", readonly=True)
 _I8_MAT = types.Array(types.int8, 2, "C")
 _I8_ROWS_RO = types.Array(types.int8, 2, "C", readonly=True)
 _F32_VEC = types.Array(types.float32, 1, "C")
+_F32_VEC_RO = types.Array(types.float32, 1, "C", readonly=True)
 _F32_MAT = types.Array(types.float32, 2, "C")
 _F32_CUBE = types.Array(types.float32, 3, "C")
 
@@ -606,6 +607,34 @@ def head_i8(codes: np.ndarray, scale: np.ndarray, x: np.ndarray, out: np.ndarray
                 out[t, v] = _dot_i8(codes[v], x[t]) * scale[v]
 
 
+@numba.njit(**_JIT)
+def screen_top1(estimate: np.ndarray, scale: np.ndarray, slack: np.float32, include: np.ndarray) -> np.ndarray:
+    """The rows whose exact logit may be the largest, as `LMHead._candidates` finds them for k = 1 in
+    two passes instead of numpy's eight: with bounds b = scale·slack, every row whose e + b is not
+    below the largest e − b of the rows outside `include` (sorted), NaN rows and `include` itself."""
+    n = estimate.shape[0]
+    floor = np.float32(-np.inf)
+    j = 0
+    for v in range(n):
+        if j < include.shape[0] and include[j] == v:
+            j += 1
+            continue
+        low = estimate[v] - scale[v] * slack
+        if low > floor:  # a NaN never is
+            floor = low
+    keep = np.empty(n, np.intp)
+    count = 0
+    j = 0
+    for v in range(n):
+        listed = j < include.shape[0] and include[j] == v
+        if listed:
+            j += 1
+        if listed or not estimate[v] + scale[v] * slack < floor:
+            keep[count] = v
+            count += 1
+    return keep[:count]
+
+
 @numba.njit(inline="always")
 def _block_sum(a: np.ndarray, lo: int, n: int) -> np.float32:
     """numpy's float32 sum of a[lo:lo+n] for n ≤ 128: 8 accumulators, then a fixed tree."""
@@ -799,6 +828,7 @@ SIGNATURES = {
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
     screen_codes: (_I16_ROWS_RO, _I8_MAT, _F32_VEC),
     head_i8: (_I8_ROWS_RO, _F32_VEC, _F32_MAT, _F32_MAT),
+    screen_top1: (_F32_VEC_RO, _F32_VEC, types.float32, types.Array(types.intp, 1, "C")),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
     rmsnorm_quantize_rows: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
     relu2_product: (_F32_MAT, _F32_MAT, _F32_MAT),

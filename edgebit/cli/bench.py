@@ -41,7 +41,8 @@ def _model_path(model: str | None, model_opt: str | None, shape: str | None) -> 
               help="Generated tokens of the tg test (0: skip it).")
 @click.option("-r", "--repetitions", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option("--lm-head", type=click.Choice(MODES), default=None,
-              help="Resident form of the LM head (default: float32 if memory allows, else float16).")
+              help="Resident form of the LM head (default: screened with the compiled kernels, else "
+                   "float32 if memory allows, else float16).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(model: str | None, model_opt: str | None, shape: str | None, backends: str | None, threads: int | None,
           n_prompt: int, n_gen: int, repetitions: int, lm_head: str | None, as_json: bool) -> None:
