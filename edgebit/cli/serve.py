@@ -104,7 +104,7 @@ FILE = click.Path(dir_okay=False)
               help="Resident form of the LM head. Default: float16 with --http (OpenAI-style requests sample "
                    "from every logit, which the screened head reads from the file at ~2x the cost), else "
                    "the loader's choice (screened with the compiled kernels: greedy and top-k tokens read "
-                   "half the bytes, ~0.2 GB less memory).")
+                   "half the bytes, ~0.3 GB less memory).")
 @backend_option
 @threads_option
 @kv_option
