@@ -563,7 +563,6 @@ def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 out[t, v] = _dot_f32(embedding[v], x[t])
 
 
-
 @numba.njit(parallel=True, **_JIT)
 def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
     """The int8 screen of an f16 embedding (int16 bits, V × D): per row scale = max|E| / 127 (1 for a
