@@ -55,6 +55,41 @@ def test_reads_metadata_tensors_and_i2s(tmp_path: Path) -> None:
         assert scale == 0.25
 
 
+def test_tensor_rows_are_copied_from_the_file(tmp_path: Path) -> None:
+    """`tensor_rows` reads rows by index (repeats and any order) as the memory map holds them, and
+    refuses ids outside the table, tensors that are not 2-D float tables, and a replaced file."""
+    path = tmp_path / "m.gguf"
+    _, f32 = _small_file(path)
+    g = GGUFFile(path)
+    rows = g.tensor_rows("small.weight")
+    ids = np.array([2, 0, 2, 1])
+    np.testing.assert_array_equal(rows(ids), f32[ids])
+    assert rows(np.array([], dtype=np.intp)).shape == (0, 5)
+    for bad in ([3], [-1], [[0]]):
+        with pytest.raises(IndexError, match="0..2"):
+            rows(np.array(bad))
+    with pytest.raises(GGUFError, match="ternary.weight"):
+        g.tensor_rows("ternary.weight")
+    path.rename(tmp_path / "old.gguf")
+    _small_file(path)
+    with pytest.raises(GGUFError, match="replaced"):
+        g.tensor_rows("small.weight")
+    np.testing.assert_array_equal(rows(ids), f32[ids])  # a reader keeps the file it opened
+
+
+def test_tensor_rows_of_a_file_cut_short_say_so(tmp_path: Path) -> None:
+    path = tmp_path / "m.gguf"
+    _small_file(path)
+    g = GGUFFile(path)
+    rows = g.tensor_rows("small.weight")
+    end = g.tensors["small.weight"].offset + 2 * 5 * 4
+    with open(path, "r+b") as fh:
+        fh.truncate(end)
+    np.testing.assert_array_equal(rows(np.array([1])).shape, (1, 5))
+    with pytest.raises(GGUFError, match="row 2 is cut short"):
+        rows(np.array([2]))
+
+
 def test_custom_alignment(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     _small_file(path, alignment=64)

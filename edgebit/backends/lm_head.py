@@ -16,8 +16,10 @@ Modes:
   screened exact, with the compiled kernels: an int8 screen (1 byte/value) is resident and the f16
            values stay in the file. `top` finds a token's exact top-k logits from the screen plus
            the exact f16 rows of the few tokens it cannot rule out: half the bytes a token when
-           generating (greedy or top-k sampling). Full logits read the f16 rows from the file
-           mapping and give its pages back after each call.
+           generating (greedy or top-k sampling). Up to FILE_ROWS exact rows (a greedy token's
+           candidates, a prompt's lookups) are copied from the file with pread, so no page of the
+           f16 table is mapped for them; more rows (full logits, top-k 40's ~2000 candidates) are
+           read through the file mapping, whose pages are given back after each call.
 
 The screen's error is bounded, not just small. With s = max|E_v| / 127 and q = rint(E_v / s),
 |E_v·x − s·q·x| ≤ s/2·‖x‖₁, and either float32 sum of D products is within D·2⁻²⁴·127·s·‖x‖₁ of
@@ -43,7 +45,7 @@ depends on the call's shape.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +59,9 @@ TILE = 128 * 1024  # embedding values per tile (512 KB of float32 scratch for a 
 PROMPT_TILE = 1 << 20  # values per tile from PROMPT_ROWS rows of x on: BLAS needs bigger calls there
 PROMPT_ROWS = 8
 MIN_SPLIT = 1 << 22  # values per lane below which the head is not split (small products stay one BLAS call)
+# Exact rows up to which the screened head copies them from the file (~3 µs a row here) rather than
+# reading them through the mapping, which maps a whole page-cache folio (up to 2 MB) for each.
+FILE_ROWS = 1024
 _KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
 _UNSCALE = np.float32(2.0**112)
 _SAFE_X = 2.0**15  # |x|·2^112 stays finite below this
@@ -93,7 +98,10 @@ def f16_to_f32(src: np.ndarray, out: np.ndarray) -> np.ndarray:
 class LMHead:
     """logits = x · Eᵀ for a (vocab, dim) embedding E (float16 or float32), split over the cores."""
 
-    def __init__(self, embedding: np.ndarray, mode: str = "float16", threads: int | None = None) -> None:
+    def __init__(self, embedding: np.ndarray, mode: str = "float16", threads: int | None = None,
+                 file_rows: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
+        """file_rows(ids): the embedding's rows `ids` copied from the model file (`GGUFFile.tensor_rows`),
+        which the screened head reads instead of the file mapping where it needs only a few."""
         if mode not in MODES:
             raise ValueError(f"LM head mode must be one of {MODES}, not {mode!r}")
         if embedding.ndim != 2 or embedding.dtype not in (np.float16, np.float32):
@@ -106,6 +114,7 @@ class LMHead:
             mode = "float16"  # the screen is built and read by the compiled kernels
         self.mode = mode
         self.shape = embedding.shape
+        self._file_rows = file_rows if mode == "screened" else None
         self.workers = Workers(threads)
         self._scratch: dict[int, np.ndarray] = {}
         self.row_scale: np.ndarray | None = None
@@ -115,7 +124,8 @@ class LMHead:
             self.exact_source = self._anonymous_copy(self.exact_source)
         # The table to look tokens up in: the copy when there is one, since a lookup through the file
         # mapping faults in whole page-cache folios (up to 2 MB each on recent kernels), which grew
-        # the resident set by 200 MB over one random 128-token prompt here (`lookup` gives them back).
+        # the resident set by 200 MB over one random 128-token prompt here (`lookup` copies the rows
+        # from the file when it can, else gives the pages back).
         self.embedding = self.exact_source.view(embedding.dtype)
         if mode == "float16":
             self.weight = embedding.view(np.int16)
@@ -221,6 +231,9 @@ class LMHead:
 
     def lookup(self, ids: np.ndarray) -> np.ndarray:
         """float32 embedding rows of the tokens `ids` (the model's input), exactly."""
+        if self._file_rows is not None:
+            unique, where = np.unique(ids, return_inverse=True)
+            return self._file_rows(unique).astype(np.float32)[where.reshape(np.shape(ids))]
         rows = self.embedding[ids].astype(np.float32)
         if self.mode == "screened":
             release_file_pages(self.exact_source)
@@ -278,6 +291,8 @@ class LMHead:
         ids = np.ascontiguousarray(ids, dtype=np.intp)
         if ids.size and (ids.min() < 0 or ids.max() >= self.shape[0]):
             raise IndexError(f"vocabulary ids must be in 0..{self.shape[0] - 1}")
+        if self._file_rows is not None and ids.size <= FILE_ROWS:  # copied, never mapped
+            return self._compiled(x, self._file_rows(ids).view(np.int16))
         if self._fast is not None and self.exact_source.dtype == np.int16:  # the rows read where they lie
             out = np.empty((x.shape[0], ids.size), dtype=np.float32)
             with self._fast.launch(self.workers.threads):
