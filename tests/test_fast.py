@@ -144,7 +144,7 @@ def test_screened_head_keeps_no_f16_pages(tiny_model: Path) -> None:
     assert _present_pages(head.exact_source) > 0
 
 
-# Greedy generation with the screened head's f16 table made unreadable through the file mapping.
+# Greedy and top-k generation with the screened head's f16 table made unreadable through the mapping.
 UNMAPPED_ROWS = """
 import ctypes, mmap, sys
 import edgebit
@@ -158,14 +158,15 @@ if sys.argv[2] == "fenced":
     libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     assert libc.mprotect(start, stop - start, 0) == 0, ctypes.get_errno()  # PROT_NONE
 print(model.generate("hello there", max_tokens=6, temperature=0))
+print(model.generate("hello there", max_tokens=6, temperature=0.8, top_k=40, seed=3))
 """
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="fences the mapping with Linux's mprotect")
 def test_screened_head_copies_its_few_exact_rows_instead_of_mapping_them(tiny_model: Path) -> None:
-    """Lookups and a greedy token's exact rows are copied from the file: each read through the mapping
-    would map a whole page-cache folio (2 MB on recent kernels). With the table's pages made
-    unreadable (a read there kills the process), greedy generation still gives the same text."""
+    """Lookups and a token's exact rows are copied from the file: each read through the mapping would
+    map a whole page-cache folio (2 MB on recent kernels). With the table's pages made unreadable (a
+    read there kills the process), greedy and top-k generation still give the same text."""
     runs = {how: subprocess.run([sys.executable, "-c", UNMAPPED_ROWS, str(tiny_model), how], capture_output=True,
                                 text=True, timeout=600) for how in ("open", "fenced")}
     assert runs["open"].returncode == 0, runs["open"].stderr[-2000:]
