@@ -67,6 +67,36 @@ def test_doctor_says_whether_the_compiled_code_is_cached(tmp_path: Path) -> None
     assert ("512-bit vectors" in text) == warm["wide_vectors"]
 
 
+# A cold compile in a fresh cache; argv[1] "failing" makes the helper process exit at once.
+COLD_COMPILE = """
+import json, sys
+from edgebit.backends import numba_kernels as kernels
+if sys.argv[1] == "failing":
+    sys.executable = "/bin/false"
+kernels.compile_all()
+print(json.dumps({"helper": sorted(kernels._COMPILED_BY_HELPER), "cached": kernels.cache_hits(),
+                  "compiled": sum(sum(k.stats.cache_misses.values()) for k in kernels.SIGNATURES)}))
+"""
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/bin/false").exists(), reason="needs 2 cores and /bin/false")
+def test_a_helper_process_compiles_the_prompt_kernel_on_a_cold_cache(tmp_path: Path) -> None:
+    """On a cold cache a second process compiles HELPER_KERNELS while this one compiles the rest, and
+    this one loads them from the cache; a helper that fails leaves them to be compiled here."""
+    kernels = fast.kernels()
+    runs = {}
+    for how in ("helper", "failing"):
+        env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / how)}
+        run = subprocess.run([sys.executable, "-c", COLD_COMPILE, how], env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs[how] = json.loads(run.stdout)
+    total = len(kernels.SIGNATURES)
+    helped = len(kernels.HELPER_KERNELS)
+    assert runs["helper"] == {"helper": sorted(kernels.HELPER_KERNELS), "cached": 0, "compiled": total - helped}
+    assert runs["failing"] == {"helper": [], "cached": 0, "compiled": total}
+
+
 def test_head_gives_identical_logits_in_both_exact_modes(tiny_model: Path) -> None:
     half = edgebit.load(tiny_model, backend="numba", lm_head="float16")
     single = edgebit.load(tiny_model, backend="numba", lm_head="float32")
