@@ -224,7 +224,8 @@ class Transformer:
         self._check_tensors(gguf)
         embedding = self._embedding(gguf)  # (n_vocab, n_embd), f16 view of the file or float32
         mode = lm_head or choose_lm_head(type(backend), model_shapes(gguf), embedding.shape)
-        file_rows = gguf.tensor_rows("token_embd.weight") if embedding.dtype == np.float16 else None
+        screened = mode == "screened" and embedding.dtype == np.float16
+        file_rows = gguf.tensor_rows("token_embd.weight") if screened else None  # the rows it copies
         self.lm_head = LMHead(embedding, mode, backend.threads, file_rows)  # tied to token_embd, which it looks up
         self.output_norm = self._vector(gguf, "output_norm.weight", cfg.n_embd)
         self.layers = []
