@@ -23,6 +23,8 @@ DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
 # A key or tensor name longer than this is not a GGUF file we want to read.
 MAX_NAME_BYTES = 1 << 16
+# Tensor types whose payload numpy reads as it is.
+_FLOAT_DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
 
 
 class GGUFError(ValueError):
@@ -267,7 +269,7 @@ class GGUFFile:
     def tensor_array(self, name: str) -> np.ndarray:
         """An F32/F16 tensor as a zero-copy numpy view in its numpy shape."""
         info = self.tensors[name]
-        dtype = {"F32": np.float32, "F16": np.float16}.get(info.type.name)
+        dtype = _FLOAT_DTYPES.get(info.type.name)
         if dtype is None:
             raise GGUFError(f"{self.path}: tensor {name!r} is {info.type.name}, not F32/F16")
         return self.tensor_bytes(name).view(dtype).reshape(info.shape)
@@ -276,7 +278,7 @@ class GGUFFile:
         """A reader of rows of a 2-D F32/F16 tensor by index that copies them from the file
         (None where the platform has no `os.preadv`)."""
         info = self.tensors[name]
-        if info.type.name not in ("F32", "F16") or len(info.shape) != 2:
+        if info.type.name not in _FLOAT_DTYPES or len(info.shape) != 2:
             raise GGUFError(f"{self.path}: tensor {name!r} is {info.type.name} {info.shape}, not a 2-D F32/F16 table")
         return TensorRows(self.path, self._identity, info) if hasattr(os, "preadv") else None
 
@@ -314,7 +316,7 @@ class TensorRows:
         self._fd = fd
         self.path = path
         self.info = info
-        self.dtype = np.dtype(np.float32 if info.type.name == "F32" else np.float16)
+        self.dtype = _FLOAT_DTYPES[info.type.name]
         self.row_bytes = info.shape[1] * self.dtype.itemsize
 
     def __call__(self, ids: np.ndarray) -> np.ndarray:
