@@ -568,25 +568,28 @@ def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
 @numba.njit(parallel=True, **_JIT)
 def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
     """The int8 screen of an f16 embedding (int16 bits, V × D): per row scale = max|E| / 127 (1 for a
-    zero row) and codes = rint(E / scale); a row holding a non-finite value gets scale NaN, codes 0."""
+    zero row) and codes = rint(E / scale); a row holding a non-finite value gets scale NaN, codes 0.
+
+    The row's largest |E| is found on the bits: for f16, |E| orders as its low 15 bits do, and a
+    value is infinite or NaN exactly when they are ≥ 0x7C00. An int16 max vectorizes; a float max
+    with a finiteness test did not (2B4T embedding, Zen 3, 2 threads: 0.52 → 0.08 s)."""
     vocab, dim = embedding.shape
     for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
         for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
             row = embedding[v]
-            top = np.float32(0)
-            finite = True
+            top_bits = _i16(0)
             for d in range(dim):
-                w = _half_to_float(row[d])
-                finite = finite and np.isfinite(w)
-                top = max(top, abs(w))
-            if not finite:
+                top_bits = max(top_bits, _i16(row[d] & _i16(0x7FFF)))
+            if top_bits >= 0x7C00:
                 scale[v] = np.float32(np.nan)
                 codes[v, :] = 0
                 continue
+            top = _half_to_float(top_bits)
             s = top / np.float32(127) if top > 0 else np.float32(1)
             scale[v] = s
+            out = codes[v]
             for d in range(dim):
-                codes[v, d] = np.int8(np.rint(_half_to_float(row[d]) / s))
+                out[d] = np.int8(np.rint(_half_to_float(row[d]) / s))
 
 
 @numba.njit(inline="always", fastmath={"reassoc"})
