@@ -148,6 +148,25 @@ def test_clear_errors_for_corrupt_headers(tmp_path: Path) -> None:
             GGUFFile(bad)
 
 
+def test_a_bad_string_array_element_is_named(tmp_path: Path) -> None:
+    """String arrays (a vocabulary) are read in one fast loop; a bad element still gets an error
+    naming it, as a lone string does."""
+    path = tmp_path / "m.gguf"
+    _small_file(path)
+    good = path.read_bytes()
+    sharp_s = good.index(struct.pack("<Q", 2) + "ß".encode())  # element 1 of some.strings
+    cases = {
+        good[: sharp_s + 8] + b"\xc3\x28" + good[sharp_s + 10 :]: "element 1 of 'some.strings' is not valid UTF-8",
+        _patch(good, sharp_s, "<Q", 2**40): "element 1 of 'some.strings' needs 1099511627776 bytes",
+        _patch(good, sharp_s + 10, "<Q", 2**40): "element 2 of 'some.strings' needs 1099511627776 bytes",
+    }
+    for i, (data, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.gguf"
+        bad.write_bytes(data)
+        with pytest.raises(GGUFError, match=message):
+            GGUFFile(bad)
+
+
 def test_unknown_and_tl_types_name_the_tensor(tmp_path: Path) -> None:
     path = tmp_path / "m.gguf"
     _small_file(path)
