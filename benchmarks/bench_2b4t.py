@@ -28,12 +28,15 @@ def main() -> None:
     parser.add_argument("--n-prompt", type=int, default=128)
     parser.add_argument("--n-gen", type=int, default=64)
     parser.add_argument("--shape", default="2b4t")
+    parser.add_argument("--model", default=None,
+                        help="a GGUF file instead of the random model of --shape, e.g. mqtt_classify.py's, which "
+                             "carries the real Llama 3 vocabulary (its tokenizer is ~1 s of the load)")
     parser.add_argument("--lm-head", default=None,
                         help="float32 | float16 | int8 | screened (default: the loader's choice)")
     parser.add_argument("--wait-idle", action="store_true", help="wait for an idle machine before each backend")
     parser.add_argument("--out", default=None, help="also write the JSON here")
     args = parser.parse_args()
-    path = random_model(args.shape)
+    path = args.model or random_model(args.shape)
     machine = detect()
     results, records = [], []
     for name in args.backends.split(","):
