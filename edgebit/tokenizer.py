@@ -269,7 +269,7 @@ class Tokenizer:
                 raise fail(key, f"must be a boolean, got {value!r}")
             return bool(value)
 
-        types = np.asarray(token_types)  # int64, or object for out-of-range values (never a listed type)
+        types = np.asarray(token_types)  # int64 (float64 or object past its range: never a listed type)
         parsed = set(np.flatnonzero(np.isin(types, tuple(_PARSED_TYPES))).tolist())
         hidden = set(np.flatnonzero(np.isin(types, tuple(_HIDDEN_TYPES))).tolist())
         if model == "gpt2":
