@@ -120,8 +120,7 @@ class NumbaBackend(Backend):
         for first in range(0, len(prepared), 3):
             rows = [p.rows for p in prepared[first : first + 3]]
             dest = outs[first : first + 3]
-            factors = np.ones((3, 2), dtype=np.float32)
-            factors[: len(rows)] = scales[first : first + 3]
+            factors = _factors(tuple(scales[first : first + 3]))
             rows += [unused_rows] * (3 - len(rows))
             dest += [unused_out] * (3 - len(dest))
             with fast.launch(self.threads):
@@ -185,6 +184,15 @@ def _crossover(threads: int | None) -> int:
     write_cache(path, cached)
     log.info("decode kernel up to %d tokens, prompt kernel past it (%s)", few, key)
     return few
+
+
+@functools.lru_cache(maxsize=4096)
+def _factors(scales: tuple[tuple[float, float], ...]) -> np.ndarray:
+    """The kernels' (3, 2) float32 (s, s') table for up to three weights, unused slots (1, 1). Cached:
+    a weight group's scales never change, and a token makes 120 kernel calls. The kernels only read it."""
+    factors = np.ones((3, 2), dtype=np.float32)
+    factors[: len(scales)] = scales
+    return factors
 
 
 @functools.cache

@@ -41,8 +41,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import llvmlite.binding as llvm
 import numba
@@ -927,9 +926,27 @@ def set_threads(threads: int | None) -> None:
         _THREAD_SETTING.threads = wanted
 
 
-@contextmanager
-def launch(threads: int | None) -> Iterator[None]:
-    """Hold LAUNCH and run the parallel kernels started inside on `threads` threads."""
-    with LAUNCH:
-        set_threads(threads)
-        yield
+class _Launch:
+    """What `launch` returns: a plain context manager class, not a generator one (a token enters ~160
+    of these; the generator form cost ~3 µs more each on the Zen 3 VM)."""
+
+    __slots__ = ("threads",)
+
+    def __init__(self, threads: int | None) -> None:
+        self.threads = threads
+
+    def __enter__(self) -> None:
+        LAUNCH.acquire()
+        try:
+            set_threads(self.threads)
+        except BaseException:
+            LAUNCH.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        LAUNCH.release()
+
+
+def launch(threads: int | None) -> _Launch:
+    """`with launch(threads):` holds LAUNCH and runs the parallel kernels started inside on `threads` threads."""
+    return _Launch(threads)
