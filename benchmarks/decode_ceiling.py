@@ -89,6 +89,8 @@ def main() -> None:
     head = (rng.standard_normal(HEAD_SHAPE, dtype=np.float32) * 0.02).astype(np.float16).view(np.int16)
     hidden = rng.standard_normal((1, HEAD_SHAPE[1]), dtype=np.float32)
     logits = np.empty((1, HEAD_SHAPE[0]), np.float32)
+    hidden_q = np.rint(hidden / np.abs(hidden).max() * 32767).astype(np.int16)  # the screen's int16 activations
+    step = np.ones(1, np.float32)
     screen, screen_scale = np.empty(HEAD_SHAPE, np.int8), np.empty(HEAD_SHAPE[0], np.float32)
     head.flags.writeable = False  # as the file's pages are: the signature the kernels are compiled for
     nk.screen_codes(head, screen, screen_scale)
@@ -111,7 +113,7 @@ def main() -> None:
         nk.head_f16(head, hidden, logits)
 
     def lm_screen() -> None:
-        nk.head_i8(screen, screen_scale, hidden, logits)
+        nk.head_i8(screen, screen_scale, hidden_q, step, logits)
 
     runs = {"decode kernel": (decode, weight_bytes), "stream, same walk": (walk, weight_bytes),
             "LM head (f16)": (lm_head, head.nbytes), "LM head screen (i8)": (lm_screen, screen.nbytes)}

@@ -315,19 +315,22 @@ def test_screen_codes_are_rounded_row_absmax() -> None:
 @settings(max_examples=max(EXAMPLES // 2, 5), deadline=None)
 @given(vocab=st.integers(1, 700), dim=st.sampled_from([1, 7, 64, 300, 2560]), tokens=st.integers(1, 3),
        kind=st.sampled_from(["normal", "ties", "outliers", "tiny", "non-finite"]),
-       x_scale=st.sampled_from([0.0, 1e-30, 1.0, 1e4, 1e36, np.inf]), k=st.integers(1, 50),
-       penalised=st.lists(st.integers(0, 699), max_size=5), seed=st.integers(0, 2**32 - 1))
-def test_screened_top_is_the_exact_heads_top(vocab: int, dim: int, tokens: int, kind: str, x_scale: float, k: int,
-                                             penalised: list[int], seed: int) -> None:
+       x_scale=st.sampled_from([0.0, 1e-30, 1e-12, 1.0, 1e4, 1e36, np.inf]), spike=st.sampled_from([1.0, 1e3, 1e6]),
+       k=st.integers(1, 50), penalised=st.lists(st.integers(0, 699), max_size=5), seed=st.integers(0, 2**32 - 1))
+def test_screened_top_is_the_exact_heads_top(vocab: int, dim: int, tokens: int, kind: str, x_scale: float,
+                                             spike: float, k: int, penalised: list[int], seed: int) -> None:
     """What the screened head keeps of a row is the full exact head's values, bit for bit, and it
     keeps every token of the exact top k (so the arg-max and the top-k sampler see the same), on
-    embeddings and activations made to break its error bound."""
+    embeddings and activations made to break its error bound (one activation `spike` times the
+    others: most of a row then rounds to zero in the screen's int16 activations)."""
     from edgebit.backends.lm_head import LMHead, TopK
 
     rng = np.random.default_rng(seed)
     e = _embedding(rng, vocab, dim, kind)
     with np.errstate(all="ignore"):
-        x = (rng.standard_normal((tokens, dim)) * x_scale).astype(np.float32)
+        x = rng.standard_normal((tokens, dim)) * x_scale
+        x[:, rng.integers(0, dim)] *= spike
+        x = x.astype(np.float32)
     include = tuple(i for i in penalised if i < vocab)
     wants = [TopK(k, include if t == 0 else ()) for t in range(tokens)]
     full = LMHead(e, "float16", threads=2)(x)
@@ -341,6 +344,26 @@ def test_screened_top_is_the_exact_heads_top(vocab: int, dim: int, tokens: int, 
         kth = np.sort(ranked)[::-1][min(want.k, vocab) - 1]
         assert exact[ranked >= kth].all()  # the top k, and every token tied with the k-th
         assert np.argmax(got[t]) == np.argmax(full[t])
+
+
+def test_screen_keeps_a_top_token_its_activation_rounding_hid() -> None:
+    """x is one activation at the int16 limit (σ = 1) and 2558 of 0.49, which the screen rounds to 0.
+    Token 1 estimates 2·32767·s above token 0, beyond what the embedding's rounding (s/2·‖x‖₁ each,
+    17 010·s) allows, but token 0's 127·0.49 on each of those 2558 activations makes it the top
+    token: the bound must also count the activations' rounding (127·D·σ/2)."""
+    from edgebit.backends.lm_head import LMHead, TopK
+
+    rng = np.random.default_rng(6)
+    dim, step = 2560, 2.0**-10  # every value below is exact in f16, and both rows' scale is `step`
+    top, rival = np.full(dim, 127.0), np.zeros(dim)
+    top[0], rival[0], rival[1] = 100, 102, 127
+    e = np.concatenate([np.stack([top, rival]) * step, rng.standard_normal((500, dim)) * 0.01]).astype(np.float16)
+    x = np.full((1, dim), 0.49, dtype=np.float32)
+    x[0, :2] = 32767, 0
+    full = LMHead(e, "float16", threads=2)(x)
+    assert np.argmax(full[0]) == 0
+    got = LMHead(e, "screened", threads=2).top(x, [TopK(1)])
+    assert np.argmax(got[0]) == 0 and got[0, 0] == full[0, 0]
 
 
 def test_screen_keeps_a_top_token_its_rounding_hid() -> None:

@@ -22,13 +22,20 @@ Modes:
            mapping, whose pages are given back after each call.
 
 The screen's error is bounded, not just small. With s = max|E_v| / 127 and q = rint(E_v / s),
-|E_v·x − s·q·x| ≤ s/2·‖x‖₁, and either float32 sum of D products is within D·2⁻²⁴·127·s·‖x‖₁ of
-its exact value, whatever order it adds in. So every exact logit lies within
-b_v = s·‖x‖₁·(1/2 + 256·D·2⁻²⁴)·(1 + 2⁻¹⁰) of the screen's estimate e_v (the last factor covers
-the rounding of E_v / s, of e_v ± b_v and of the scaling: |e_v| ≤ 127·s·‖x‖₁). If L is the k-th
+|E_v·x − s·q·x| ≤ s/2·‖x‖₁. The screen multiplies q by int16 activations x̂ = rint(x / σ),
+σ = max|x| / M (M ≤ 32767, lowered until 127·‖x̂‖₁ < 2³¹, so the integer sum P = q·x̂ is exact),
+and |x_d − σ·x̂_d| ≤ σ·(1/2 + (M+1)·2⁻²⁴), so |s·q·x − s·σ·P| ≤ s·127·D·σ·(1/2 + (M+1)·2⁻²⁴).
+Its estimate e_v = P·(s·σ) in float32 is within 3·2⁻²⁴·s·σ·127·‖x̂‖₁ of s·σ·P, and the exact
+logit, a float32 sum of D products, within D·2⁻²⁴·127·s·‖x‖₁ of E_v·x whatever order it adds
+in. So every exact logit lies within b_v = s·slack of e_v, where
+slack = (‖x‖₁·(1/2 + 256·D·2⁻²⁴) + σ·(127·D·(1/2 + (M+1)·2⁻²⁴) + 381·2⁻²⁴·‖x̂‖₁))·(1 + 2⁻¹⁰)
+(the last factor covers the rounding of E_v / s, of s·slack, of e_v ± b_v: |e_v| ≲ 127·s·‖x‖₁).
+If L is the k-th
 largest of e_v − b_v, k tokens have exact logits ≥ L and every token with e_v + b_v < L has one
 below L: the top k are among the others, whose exact logits are then computed as `columns`
-computes them. On the random 2B4T-shaped model 20–220 tokens of 128 256 remain.
+computes them. A row whose σ would be tiny (σ·s could lose precision) or whose sums could
+overflow float32 (a non-finite x included) is not screened: all its logits are computed.
+On the random 2B4T-shaped model 20–220 tokens of 128 256 remain.
 
 The exact forms give the same bits, whatever the lane count: BLAS's summation order depends on
 the shape of each call, so every form multiplies x by the same tiles of vocabulary rows, fixed by
@@ -66,6 +73,8 @@ FILE_ROWS = 8192
 _KEEP = np.int32(-(2**31) | 0x0FFFE000)  # sign bit + the 15 exponent/mantissa bits after the shift
 _UNSCALE = np.float32(2.0**112)
 _SAFE_X = 2.0**15  # |x|·2^112 stays finite below this
+SCREEN_LEVELS = 32767  # the screen's activations are int16: |x̂| ≤ this
+SMALLEST_STEP = 2.0**-60  # below this σ a row is not screened: s·σ stays a normal float32 (s ≥ 2⁻³¹)
 
 
 @dataclass(frozen=True)
@@ -319,25 +328,51 @@ class LMHead:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.mode != "screened":
             return self(x)
+        xq, sigma, slack = self._screen_activations(x)
         estimate = np.empty((x.shape[0], self.shape[0]), dtype=np.float32)
         with self._fast.launch(self.workers.threads):
-            self._fast.head_i8(self.screen, self.screen_scale, x, estimate)
+            self._fast.head_i8(self.screen, self.screen_scale, xq, sigma, estimate)
         out = np.full_like(estimate, -np.inf)
         for t, want in enumerate(wants):
-            ids = self._candidates(estimate[t], float(np.abs(x[t]).sum(dtype=np.float64)), want)
+            ids = self._candidates(estimate[t], slack[t], want)
             out[t, ids] = self.columns(x[t : t + 1], ids)[0]
         return out
 
-    def _candidates(self, estimate: np.ndarray, norm: float, want: TopK) -> np.ndarray:
+    def _screen_activations(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The screen's int16 activations x̂ = rint(x / σ) of rows x, σ per row, and the slack of each
+        row's bound (see the module's note); slack NaN for a row the screen cannot bound (x̂ 0, σ 1)."""
+        tokens, dim = x.shape
+        xq, sigma = np.zeros((tokens, dim), dtype=np.int16), np.ones(tokens, dtype=np.float32)
+        slack = np.full(tokens, np.nan, dtype=np.float32)
+        for t in range(tokens):
+            row = np.abs(x[t])
+            norm = float(row.sum(dtype=np.float64))
+            # nothing can be ruled out when the screen's sums (≤ 127·‖x‖₁) or its scaled estimates
+            # and bounds could overflow float32 (a non-finite x included)
+            if not norm * 127 * max(self._largest_scale * 2, 1) < 1e38:
+                continue
+            levels, largest = SCREEN_LEVELS, float(row.max())
+            while levels >= 1:
+                step = np.float32(largest / levels)
+                if not step >= SMALLEST_STEP:
+                    break
+                codes = np.rint(x[t] / step)
+                total = int(np.abs(codes).sum(dtype=np.float64))  # an exact integer: < D·2¹⁵ ≤ 2⁵³
+                if 127 * total < 2**31:
+                    xq[t], sigma[t] = codes, step
+                    slack[t] = np.float32((norm * (0.5 + 256 * dim * 2.0**-24) + float(step) * (
+                        127 * dim * (0.5 + (levels + 1) * 2.0**-24) + 381 * 2.0**-24 * total)) * (1 + 2.0**-10))
+                    break
+                levels = min(levels - 1, levels * (2**31 - 1) // (127 * total))
+        return xq, sigma, slack
+
+    def _candidates(self, estimate: np.ndarray, slack: np.float32, want: TopK) -> np.ndarray:
         """Tokens whose exact logit may be among the `want.k` largest (see the module's note), given
-        the screen's estimates and ‖x‖₁, plus `want.include` and every row the screen cannot bound
-        (non-finite values)."""
+        the screen's estimates and the slack of their bounds, plus `want.include` and every row the
+        screen cannot bound (non-finite values)."""
         include = np.unique(np.asarray(want.include, dtype=np.intp))
-        # Nothing can be ruled out for k ≥ the rows left, nor when the screen's sums (≤ 127·‖x‖₁)
-        # or its scaled estimates and bounds could overflow float32.
-        if not norm * 127 * max(self._largest_scale * 2, 1) < 1e38 or want.k >= self.shape[0] - include.size:
+        if np.isnan(slack) or want.k >= self.shape[0] - include.size:
             return np.arange(self.shape[0])
-        slack = np.float32(norm * (0.5 + 256 * self.shape[1] * 2.0**-24) * (1 + 2.0**-10))
         if want.k == 1:  # the common case (greedy), compiled: two passes instead of numpy's eight
             return self._fast.screen_top1(read_only(estimate), self.screen_scale, slack, include)
         bound = self.screen_scale * slack
