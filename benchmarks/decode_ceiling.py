@@ -91,9 +91,10 @@ def main() -> None:
     logits = np.empty((1, HEAD_SHAPE[0]), np.float32)
     hidden_q = np.rint(hidden / np.abs(hidden).max() * 32767).astype(np.int16)  # the screen's int16 activations
     step = np.ones(1, np.float32)
-    screen, screen_scale = np.empty(HEAD_SHAPE, np.int8), np.empty(HEAD_SHAPE[0], np.float32)
+    screen = np.empty(HEAD_SHAPE, np.int8)
+    screen_scale, residual, code_norm = (np.empty(HEAD_SHAPE[0], np.float32) for _ in range(3))
     head.flags.writeable = False  # as the file's pages are: the signature the kernels are compiled for
-    nk.screen_codes(head, screen, screen_scale)
+    nk.screen_codes(head, screen, screen_scale, residual, code_norm)
     screen.flags.writeable = False
     buffer = np.ones(EVICT_BYTES, np.uint8)
     gamma, scales = np.ones(1, np.float32), np.ones((3, 2), np.float32)

@@ -7,9 +7,11 @@ numba is not installed (the numpy backends are tested without it in test_backend
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -299,17 +301,29 @@ def test_screen_codes_are_rounded_row_absmax() -> None:
     rng = np.random.default_rng(3)
     e = _embedding(rng, 40, 70, "tiny")
     e[3, 5], e[7, 0] = np.inf, np.nan
-    codes, scale = np.empty(e.shape, dtype=np.int8), np.empty(40, dtype=np.float32)
+    e[9] = rng.integers(-127, 128, 70) * 2.0**-8  # every value on the grid of scale 2⁻⁸: residual 0
+    e[9, 0] = 127 * 2.0**-8
+    codes = np.empty(e.shape, dtype=np.int8)
+    scale, residual, code_norm = (np.empty(40, dtype=np.float32) for _ in range(3))
     bits = e.view(np.int16)
     bits.flags.writeable = False
-    nk.screen_codes(bits, codes, scale)
+    nk.screen_codes(bits, codes, scale, residual, code_norm)
     wide = e.astype(np.float32)
     finite = np.isfinite(wide).all(axis=1)
     top = np.abs(wide).max(axis=1)
     want_scale = np.where(top > 0, top / np.float32(127), np.float32(1)).astype(np.float32)
     np.testing.assert_array_equal(scale[finite], want_scale[finite])
     assert np.isnan(scale[~finite]).all() and not codes[~finite].any()
+    assert np.isnan(residual[~finite]).all() and np.isnan(code_norm[~finite]).all()
     np.testing.assert_array_equal(codes[finite], np.rint(wide[finite] / want_scale[finite, None]))
+    # the second bound's norms: never below the exact ones (fractions: no rounding), at most 2⁻¹⁹ above
+    for v in np.flatnonzero(finite):
+        s = Fraction(float(scale[v]))
+        miss = sum((Fraction(float(value)) - s * int(c)) ** 2 for value, c in zip(wide[v], codes[v], strict=True))
+        squares = sum(int(c) ** 2 for c in codes[v])
+        for got, exact in ((residual[v], miss), (code_norm[v], squares)):
+            assert Fraction(float(got)) ** 2 >= exact and float(got) <= math.sqrt(exact) * (1 + 2.0**-19)
+    assert residual[9] == 0 and code_norm[9] > 0
 
 
 @settings(max_examples=max(EXAMPLES // 2, 5), deadline=None)
@@ -346,23 +360,26 @@ def test_screened_top_is_the_exact_heads_top(vocab: int, dim: int, tokens: int, 
         assert np.argmax(got[t]) == np.argmax(full[t])
 
 
-def test_screen_keeps_a_top_token_its_activation_rounding_hid() -> None:
+@pytest.mark.parametrize("k", [1, 2])
+def test_screen_keeps_a_top_token_its_activation_rounding_hid(k: int) -> None:
     """x is one activation at the int16 limit (σ = 1) and 2558 of 0.49, which the screen rounds to 0.
-    Token 1 estimates 2·32767·s above token 0, beyond what the embedding's rounding (s/2·‖x‖₁ each,
-    17 010·s) allows, but token 0's 127·0.49 on each of those 2558 activations makes it the top
-    token: the bound must also count the activations' rounding (127·D·σ/2)."""
+    Tokens 1 and 2 estimate 2·32767·s above token 0, beyond what the embedding's rounding (s/2·‖x‖₁
+    each, 17 010·s) allows, but token 0's 127·0.49 on each of those 2558 activations makes it the
+    top token: the bounds must count the activations' rounding (127·D·σ/2 in the first; in the
+    second, used for top-k, s·‖q‖₂·‖x − σ·x̂‖₂, which this row's codes, parallel to x − σ·x̂, reach)."""
     from edgebit.backends.lm_head import LMHead, TopK
 
     rng = np.random.default_rng(6)
-    dim, step = 2560, 2.0**-10  # every value below is exact in f16, and both rows' scale is `step`
+    dim, step = 2560, 2.0**-10  # every value below is exact in f16, and every row's scale is `step`
     top, rival = np.full(dim, 127.0), np.zeros(dim)
-    top[0], rival[0], rival[1] = 100, 102, 127
-    e = np.concatenate([np.stack([top, rival]) * step, rng.standard_normal((500, dim)) * 0.01]).astype(np.float16)
+    top[0], top[1], rival[0], rival[1] = 100, 127, 102, 127
+    e = np.concatenate([np.stack([top, rival, rival]) * step, rng.standard_normal((500, dim)) * 0.01])
+    e = e.astype(np.float16)
     x = np.full((1, dim), 0.49, dtype=np.float32)
     x[0, :2] = 32767, 0
     full = LMHead(e, "float16", threads=2)(x)
     assert np.argmax(full[0]) == 0
-    got = LMHead(e, "screened", threads=2).top(x, [TopK(1)])
+    got = LMHead(e, "screened", threads=2).top(x, [TopK(k)])
     assert np.argmax(got[0]) == 0 and got[0, 0] == full[0, 0]
 
 

@@ -565,15 +565,21 @@ def head_f32(embedding: np.ndarray, x: np.ndarray, out: np.ndarray) -> None:
                 out[t, v] = _dot_f32(embedding[v], x[t])
 
 
-@numba.njit(parallel=True, **_JIT)
-def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> None:
+@numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
+def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray, residual: np.ndarray,
+                 code_norm: np.ndarray) -> None:
     """The int8 screen of an f16 embedding (int16 bits, V × D): per row scale = max|E| / 127 (1 for a
     zero row) and codes = rint(E / scale); a row holding a non-finite value gets scale NaN, codes 0.
+    Also per row, for the screen's second bound: residual ≥ ‖E − scale·codes‖₂ and code_norm ≥
+    ‖codes‖₂ (NaN for a non-finite row), both summed in float64 and rounded up by 2⁻²⁰ (a float64
+    sum of D squares is within D·2⁻⁵³ of its value, whatever its order: `reassoc` lets it vectorize;
+the norms take the 2B4T's build from 0.05 to 0.12 s on 2 threads).
 
     The row's largest |E| is found on the bits: for f16, |E| orders as its low 15 bits do, and a
     value is infinite or NaN exactly when they are ≥ 0x7C00. An int16 max vectorizes; a float max
     with a finiteness test did not (2B4T embedding, Zen 3, 2 threads: 0.52 → 0.08 s)."""
     vocab, dim = embedding.shape
+    up = 1.0 + 2.0**-20
     for chunk in prange((vocab + HEAD_ROWS - 1) // HEAD_ROWS):
         for v in range(chunk * HEAD_ROWS, min(vocab, (chunk + 1) * HEAD_ROWS)):
             row = embedding[v]
@@ -581,15 +587,23 @@ def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray) ->
             for d in range(dim):
                 top_bits = max(top_bits, _i16(row[d] & _i16(0x7FFF)))
             if top_bits >= 0x7C00:
-                scale[v] = np.float32(np.nan)
+                scale[v] = residual[v] = code_norm[v] = np.float32(np.nan)
                 codes[v, :] = 0
                 continue
             top = _half_to_float(top_bits)
             s = top / np.float32(127) if top > 0 else np.float32(1)
             scale[v] = s
             out = codes[v]
+            squares, misses = 0.0, 0.0
             for d in range(dim):
-                out[d] = np.int8(np.rint(_half_to_float(row[d]) / s))
+                value = _half_to_float(row[d])
+                code = np.rint(value / s)
+                out[d] = np.int8(code)
+                miss = np.float64(value) - np.float64(s) * np.float64(code)
+                squares += np.float64(code) * np.float64(code)
+                misses += miss * miss
+            residual[v] = np.float32(np.sqrt(misses) * up)
+            code_norm[v] = np.float32(np.sqrt(squares) * up)
 
 
 @numba.njit(inline="always")
@@ -837,7 +851,7 @@ SIGNATURES = {
     head_f16: (_I16_ROWS_RO, _F32_MAT, _F32_MAT),
     head_f16_rows: (_I16_ROWS_RO, types.Array(types.intp, 1, "C"), _F32_MAT, _F32_MAT),
     head_f32: (_F32_ROWS_RO, _F32_MAT, _F32_MAT),
-    screen_codes: (_I16_ROWS_RO, _I8_MAT, _F32_VEC),
+    screen_codes: (_I16_ROWS_RO, _I8_MAT, _F32_VEC, _F32_VEC, _F32_VEC),
     head_i8: (_I8_ROWS_RO, _F32_VEC, _I16_MAT, _F32_VEC, _F32_MAT),
     screen_top1: (_F32_VEC_RO, _F32_VEC, types.float32, types.Array(types.intp, 1, "C")),
     rmsnorm_quantize: (_F32_MAT, _F32_VEC, types.float32, _I8_MAT, _F32_VEC),
