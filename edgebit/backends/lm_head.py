@@ -401,7 +401,7 @@ class LMHead:
             return np.arange(self.shape[0])
         if want.k == 1:  # the common case (greedy), compiled: two passes instead of numpy's eight
             return self._fast.screen_top1(read_only(estimate), self.screen_scale, slack.l1, include)
-        # the smaller of the two bounds: the second rules out about half as many more tokens for top-k
+        # the smaller of the two bounds per row (the second halves top-k's candidates on the random 2B4T)
         bound = self.screen_scale * slack.l1
         second = self.screen_residual * slack.x_norm
         second += self.screen_scale * (self.screen_code_norm * slack.miss_norm + slack.rounding)
