@@ -34,13 +34,13 @@ By Cauchy–Schwarz, E_v·x − s·σ·P = (E_v − s·q)·x + s·q·(x − σ·
 r_v·‖x‖₂ + s·‖q‖₂·‖x − σ·x̂‖₂, with r_v ≥ ‖E_v − s·q‖₂ and ‖q‖₂ kept per row when the screen is
 built (`screen_codes`); with the same rounding terms this second bound is ~24 % below the first
 for activations without outliers (the random 2B4T's, largest |x| 4.9 RMS), the first much smaller
-for a spiky x. Top-k sampling takes the
-smaller of the two per token (random 2B4T, top 40: 1553–2226 → 705–1025 exact rows, ~5 ms less a
-token); greedy keeps the first, whose few candidates are cheap. If L is the k-th
-largest of e_v − b_v, k tokens have exact logits ≥ L and every token with e_v + b_v < L has one
-below L: the top k are among the others, whose exact logits are then computed as `columns`
-computes them. A row whose σ would be tiny (σ·s could lose precision) or whose sums could
-overflow float32 (a non-finite x included) is not screened: all its logits are computed.
+for a spiky x. Top-k sampling takes the smaller of the two per token (random 2B4T, top 40:
+1553–2226 → 705–1025 exact rows, ~5 ms less a token); greedy keeps the first, whose few
+candidates are cheap. If L is the k-th largest of e_v − b_v, k tokens have exact logits ≥ L and
+every token with e_v + b_v < L has one below L: the top k are among the others, whose exact
+logits are then computed as `columns` computes them. A row whose σ would be tiny (σ·s could lose
+precision) or whose sums could overflow float32 (a non-finite x included) is not screened: all
+its logits are computed.
 On the random 2B4T-shaped model 20–220 tokens of 128 256 remain.
 
 The exact forms give the same bits, whatever the lane count: BLAS's summation order depends on
@@ -362,35 +362,40 @@ class LMHead:
         """The screen's int16 activations x̂ = rint(x / σ) of rows x, σ per row, and what each row
         contributes to the bounds (see the module's note); None for a row the screen cannot bound
         (x̂ 0, σ 1)."""
-        tokens, dim = x.shape
-        xq, sigma = np.zeros((tokens, dim), dtype=np.int16), np.ones(tokens, dtype=np.float32)
-        slacks: list[_Slack | None] = [None] * tokens
-        up = 1 + 2.0**-20  # covers a float64 sum of D squares, its square root and the float32 rounding
-        for t in range(tokens):
-            row = np.abs(x[t])
-            norm = float(row.sum(dtype=np.float64))
-            # nothing can be ruled out when the screen's sums (≤ 127·‖x‖₁) or its scaled estimates
-            # and bounds could overflow float32 (a non-finite x included)
-            if not norm * 127 * max(self._largest_scale * 2, 1) < 1e38:
-                continue
-            levels, largest = SCREEN_LEVELS, float(row.max())
-            while levels >= 1:
-                step = np.float32(largest / levels)
-                if not step >= SMALLEST_STEP:
-                    break
-                codes = np.rint(x[t] / step)
-                total = int(np.abs(codes).sum(dtype=np.float64))  # an exact integer: < D·2¹⁵ ≤ 2⁵³
-                if 127 * total < 2**31:
-                    xq[t], sigma[t] = codes, step
-                    wide = x[t].astype(np.float64)
-                    miss = wide - float(step) * codes.astype(np.float64)  # σ·x̂ is exact in float64
-                    rounding = norm * 256 * dim * 2.0**-24 + 381 * 2.0**-24 * float(step) * total
-                    l1 = (norm / 2 + rounding + float(step) * 127 * dim * (0.5 + (levels + 1) * 2.0**-24))
-                    slacks[t] = _Slack(np.float32(l1 * (1 + 2.0**-10)), np.float32(np.sqrt(wide @ wide) * up),
-                                       np.float32(np.sqrt(miss @ miss) * up), np.float32(rounding * up))
-                    break
-                levels = min(levels - 1, levels * (2**31 - 1) // (127 * total))
+        xq, sigma = np.zeros(x.shape, dtype=np.int16), np.ones(x.shape[0], dtype=np.float32)
+        slacks: list[_Slack | None] = []
+        for t, row in enumerate(x):
+            screened = self._screen_row(row)
+            if screened is not None:
+                xq[t], sigma[t] = screened[0], screened[1]
+            slacks.append(None if screened is None else screened[2])
         return xq, sigma, slacks
+
+    def _screen_row(self, row: np.ndarray) -> tuple[np.ndarray, np.float32, _Slack] | None:
+        """x̂ (as float values), σ and the bounds' terms for one row of x, or None where the screen
+        cannot bound it: its sums (≤ 127·‖x‖₁) or scaled estimates and bounds could overflow float32
+        (a non-finite x included), or σ would be below SMALLEST_STEP."""
+        magnitude = np.abs(row)
+        norm = float(magnitude.sum(dtype=np.float64))
+        if not norm * 127 * max(self._largest_scale * 2, 1) < 1e38:
+            return None
+        levels, largest = SCREEN_LEVELS, float(magnitude.max())
+        while True:  # M = levels, lowered until the integer sums cannot overflow int32
+            step = np.float32(largest / levels) if levels >= 1 else np.float32(0)
+            if not step >= SMALLEST_STEP:
+                return None
+            codes = np.rint(row / step)
+            total = int(np.abs(codes).sum(dtype=np.float64))  # an exact integer: < D·2¹⁵ ≤ 2⁵³
+            if 127 * total < 2**31:
+                break
+            levels = min(levels - 1, levels * (2**31 - 1) // (127 * total))
+        dim, up = row.size, 1 + 2.0**-20  # `up` covers a float64 sum of D squares, its root, a float32 rounding
+        wide = row.astype(np.float64)
+        miss = wide - float(step) * codes.astype(np.float64)  # σ·x̂ is exact in float64
+        rounding = norm * 256 * dim * 2.0**-24 + 381 * 2.0**-24 * float(step) * total
+        l1 = norm / 2 + rounding + float(step) * 127 * dim * (0.5 + (levels + 1) * 2.0**-24)
+        return codes, step, _Slack(np.float32(l1 * (1 + 2.0**-10)), np.float32(np.sqrt(wide @ wide) * up),
+                                   np.float32(np.sqrt(miss @ miss) * up), np.float32(rounding * up))
 
     def _candidates(self, estimate: np.ndarray, slack: _Slack | None, want: TopK) -> np.ndarray:
         """Tokens whose exact logit may be among the `want.k` largest (see the module's note), given

@@ -573,7 +573,7 @@ def screen_codes(embedding: np.ndarray, codes: np.ndarray, scale: np.ndarray, re
     Also per row, for the screen's second bound: residual ≥ ‖E − scale·codes‖₂ and code_norm ≥
     ‖codes‖₂ (NaN for a non-finite row), both summed in float64 and rounded up by 2⁻²⁰ (a float64
     sum of D squares is within D·2⁻⁵³ of its value, whatever its order: `reassoc` lets it vectorize;
-the norms take the 2B4T's build from 0.05 to 0.12 s on 2 threads).
+    the norms take the 2B4T's build from 0.05 to 0.12 s on 2 threads).
 
     The row's largest |E| is found on the bits: for f16, |E| orders as its low 15 bits do, and a
     value is infinite or NaN exactly when they are ≥ 0x7C00. An int16 max vectorizes; a float max
