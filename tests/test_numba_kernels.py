@@ -281,6 +281,44 @@ def test_softmax_exp_is_within_an_ulp(xs: list[float]) -> None:
             assert 0 <= got < 2e-38
 
 
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(n_kv=st.integers(1, 3), n_rep=st.sampled_from([1, 2, 4, 5]), dim=st.sampled_from([4, 24, 128]),
+       tokens=st.integers(1, 7), past=st.integers(0, 41), seed=st.integers(0, 2**32 - 1),
+       spread=st.sampled_from([0.1, 3.0, 30.0]))
+def test_attention_agrees_with_float64_and_each_row_alone(n_kv: int, n_rep: int, dim: int, tokens: int, past: int,
+                                                          seed: int, spread: float) -> None:
+    """The compiled attention against float64 softmax attention, with grouped heads and a token
+    tree's mask (any visible key counts, so four-key passes leave every remainder); and a row's
+    output is the same bits computed alone, in the batch, on 1 or 2 threads."""
+    rng = np.random.default_rng(seed)
+    n_head, length = n_kv * n_rep, past + tokens
+    q = (rng.standard_normal((n_head, tokens, dim)) * spread).astype(np.float32)
+    keys = rng.standard_normal((n_kv, length + 3, dim)).astype(np.float32)  # cache capacity beyond L
+    values = rng.standard_normal((n_kv, length + 3, dim)).astype(np.float32)
+    tree = np.tri(tokens, dtype=bool) & (rng.random((tokens, tokens)) < 0.7)
+    mask = np.concatenate([np.ones((tokens, past), bool), tree], axis=1)
+    mask[np.arange(tokens), past + np.arange(tokens)] = True  # each row sees itself
+    scale = np.float32(1 / np.sqrt(dim))
+    results = []
+    for threads in (1, 2):
+        nk.set_threads(threads)
+        out = np.empty((tokens, n_head, dim), np.float32)
+        nk.attention(q, keys, values, mask, scale, out)
+        for t in range(tokens):
+            alone = np.empty((1, n_head, dim), np.float32)
+            nk.attention(q[:, t : t + 1].copy(), keys, values, mask[t : t + 1].copy(), scale, alone)
+            np.testing.assert_array_equal(alone[0], out[t])
+        results.append(out)
+    np.testing.assert_array_equal(results[0], results[1])
+    for h in range(n_head):
+        kv = h // n_rep
+        scores = q[h].astype(np.float64) @ keys[kv, :length].T.astype(np.float64) * float(scale)
+        scores = np.where(mask, scores, -np.inf)
+        p = np.exp(scores - scores.max(axis=1, keepdims=True))
+        want = (p / p.sum(axis=1, keepdims=True)) @ values[kv, :length].astype(np.float64)
+        np.testing.assert_allclose(results[0][:, h], want, rtol=0, atol=2e-5)
+
+
 def _embedding(rng: np.random.Generator, vocab: int, dim: int, kind: str) -> np.ndarray:
     """f16 embeddings that stress the screen: ordinary rows, exact duplicates (tied logits), rows with
     one outlier (a loose bound), subnormal and zero rows, and rows holding inf or NaN."""

@@ -785,61 +785,98 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> No
                 out[h, t, half + i] = x1 * sin[t, i] + x2 * cos[t, i]
 
 
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def _group_scores(q: np.ndarray, t: int, first: int, keys: np.ndarray, visible: np.ndarray, n: int,
+                  scale: np.float32, scores: np.ndarray) -> None:
+    """scores[r, i] = scale · q[first + r, t] · keys[visible[i]] for the query heads r of one kv
+    group and i < n: four keys a pass, each key read once for all the group's heads."""
+    for i in range(0, n - 3, 4):
+        k0, k1, k2, k3 = keys[visible[i]], keys[visible[i + 1]], keys[visible[i + 2]], keys[visible[i + 3]]
+        for r in range(scores.shape[0]):
+            query = q[first + r, t]
+            s0 = s1 = s2 = s3 = np.float32(0)
+            for d in range(query.shape[0]):
+                s0 += query[d] * k0[d]
+                s1 += query[d] * k1[d]
+                s2 += query[d] * k2[d]
+                s3 += query[d] * k3[d]
+            scores[r, i], scores[r, i + 1], scores[r, i + 2], scores[r, i + 3] = (
+                s0 * scale, s1 * scale, s2 * scale, s3 * scale)
+    for i in range(n - n % 4, n):
+        key = keys[visible[i]]
+        for r in range(scores.shape[0]):
+            query = q[first + r, t]
+            s0 = np.float32(0)
+            for d in range(query.shape[0]):
+                s0 += query[d] * key[d]
+            scores[r, i] = s0 * scale
+
+
+@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+def _group_sums(weights: np.ndarray, values: np.ndarray, visible: np.ndarray, n: int, out: np.ndarray,
+                t: int, first: int) -> None:
+    """out[t, first + r] = Σ_i weights[r, i] · values[visible[i]] for the query heads r of one kv
+    group: four values a pass, in position order, each value read once for all the group's heads."""
+    for r in range(weights.shape[0]):
+        out[t, first + r] = 0
+    for i in range(0, n - 3, 4):
+        v0, v1, v2, v3 = values[visible[i]], values[visible[i + 1]], values[visible[i + 2]], values[visible[i + 3]]
+        for r in range(weights.shape[0]):
+            p0, p1, p2, p3 = weights[r, i], weights[r, i + 1], weights[r, i + 2], weights[r, i + 3]
+            row = out[t, first + r]
+            for d in range(row.shape[0]):
+                row[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d])
+    for i in range(n - n % 4, n):
+        v0 = values[visible[i]]
+        for r in range(weights.shape[0]):
+            p0, row = weights[r, i], out[t, first + r]
+            for d in range(row.shape[0]):
+                row[d] += p0 * v0[d]
+
+
 @numba.njit(parallel=True, fastmath={"reassoc"}, **_JIT)
 def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndarray, scale: np.float32,
               out: np.ndarray) -> None:
-    """Causal GQA attention, each (head, query row) on its own: q (n_head, T, d); keys, values
-    (n_kv, ≥ L, d), of which the first L = mask.shape[1] positions are used (a KV cache as it is
-    stored); mask (T, L) says which keys row t sees; out (T, n_head, d).
+    """Causal GQA attention, each query row with the query heads that share its kv head: q
+    (n_head, T, d); keys, values (n_kv, ≥ L, d), of which the first L = mask.shape[1] positions
+    are used (a KV cache as it is stored); mask (T, L) says which keys row t sees; out (T, n_head, d).
 
     A row's scores, softmax and weighted sum visit its visible keys in position order, so its
     numbers do not depend on which other rows share the call (prompt, token by token, token tree).
     The dot products over d may be reassociated (vectorized), as the LM head's are; the softmax's
-    exp is `_exp_nonpositive` (within an ulp, vectorized), and the weighted sum adds two keys per
-    pass, in position order.
+    exp is `_exp_nonpositive` (within an ulp, vectorized). A kv group's heads are done together so
+    each key and value is read once for all of them: one head at a time, a 2B4T prompt's keys
+    and values came from L3 four times over.
     """
     n_head, tokens, dim = q.shape
-    n_rep = n_head // keys.shape[0]
+    n_kv = keys.shape[0]
+    n_rep = n_head // n_kv
     length = mask.shape[1]
-    for item in prange(n_head * tokens):
-        h, t = item // tokens, item % tokens
-        kv = h // n_rep
-        query = q[h, t]
+    for item in prange(n_kv * tokens):
+        kv, t = item // tokens, item % tokens
         visible = np.empty(length, np.intp)
         n = 0
         for j in range(length):
             if mask[t, j]:
                 visible[n] = j
                 n += 1
-        scores = np.empty(n, np.float32)
-        best = -np.inf
-        for i in range(n):
-            key = keys[kv, visible[i]]
-            total = np.float32(0)
-            for d in range(dim):
-                total += query[d] * key[d]
-            scores[i] = total * scale
-            best = max(best, scores[i])
-        norm = np.float32(0)
-        for i in range(n):
-            scores[i] = _exp_nonpositive(scores[i] - best)
-            norm += scores[i]
-        # The weights are divided here, in a loop of their own: divided inside the loop over d,
-        # reassociation lets LLVM compute (s·v)/norm there, a vector division per element
-        # (2B4T shape, 320 queries over 580 keys: 57 → 37 ms a layer when it cannot).
-        for i in range(n):
-            scores[i] = scores[i] / norm
-        row = out[t, h]
-        row[:] = 0
-        for i in range(0, n - 1, 2):  # two keys per pass: half the store-to-load chains through row
-            p0, p1 = scores[i], scores[i + 1]
-            v0, v1 = values[kv, visible[i]], values[kv, visible[i + 1]]
-            for d in range(dim):
-                row[d] += p0 * v0[d] + p1 * v1[d]
-        if n % 2:
-            p0, v0 = scores[n - 1], values[kv, visible[n - 1]]
-            for d in range(dim):
-                row[d] += p0 * v0[d]
+        weights = np.empty((n_rep, n), np.float32)
+        _group_scores(q, t, kv * n_rep, keys[kv], visible, n, scale, weights)
+        for r in range(n_rep):
+            scores = weights[r]
+            best = np.float32(-np.inf)
+            for i in range(n):
+                best = max(best, scores[i])
+            norm = np.float32(0)
+            for i in range(n):
+                scores[i] = _exp_nonpositive(scores[i] - best)
+                norm += scores[i]
+            # The weights are divided here, in a loop of their own: divided inside the loop over d,
+            # reassociation lets LLVM compute (s·v)/norm there, a vector division per element
+            # (2B4T shape, 320 queries over 580 keys: 57 → 37 ms a layer when it cannot).
+            for i in range(n):
+                scores[i] = scores[i] / norm
+        _group_sums(weights, values[kv], visible, n, out, t, kv * n_rep)
 
 
 # The one signature each kernel is used with (weights read-only: they are memory-mapped file pages),
