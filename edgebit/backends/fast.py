@@ -64,4 +64,4 @@ def status() -> dict[str, Any]:
             "kernels": len(fast.SIGNATURES), "cached": fast.cache_hits(), "seconds": time.perf_counter() - start,
             "threading_layer": numba.config.THREADING_LAYER,
             "llvm_cpu": numba.config.CPU_NAME or get_host_cpu_name(),
-            "wide_vectors": "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")}
+            "wide_vectors": fast.WIDE_VECTORS}
