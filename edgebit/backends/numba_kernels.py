@@ -790,7 +790,7 @@ def rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, out: np.ndarray) -> No
                 out[h, t, half + i] = x1 * sin[t, i] + x2 * cos[t, i]
 
 
-@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+@numba.njit(inline="always", fastmath={"reassoc"})
 def _group_scores(q: np.ndarray, t: int, first: int, keys: np.ndarray, visible: np.ndarray, n: int,
                   scale: np.float32, scores: np.ndarray) -> None:
     """scores[r, i] = scale · q[first + r, t] · keys[visible[i]] for the query heads r of one kv
@@ -817,7 +817,7 @@ def _group_scores(q: np.ndarray, t: int, first: int, keys: np.ndarray, visible: 
             scores[r, i] = s0 * scale
 
 
-@numba.njit(inline="always", fastmath={"reassoc", "contract"})
+@numba.njit(inline="always", fastmath={"reassoc"})
 def _group_sums(weights: np.ndarray, values: np.ndarray, visible: np.ndarray, n: int, out: np.ndarray,
                 t: int, first: int) -> None:
     """out[t, first + r] = Σ_i weights[r, i] · values[visible[i]] for the query heads r of one kv
@@ -853,7 +853,7 @@ def attention(q: np.ndarray, keys: np.ndarray, values: np.ndarray, mask: np.ndar
     each key and value is read once for all of them: one head at a time, a 2B4T prompt's keys
     and values came from L3 four times over.
     """
-    n_head, tokens, dim = q.shape
+    n_head, tokens = q.shape[0], q.shape[1]
     n_kv = keys.shape[0]
     n_rep = n_head // n_kv
     length = mask.shape[1]
