@@ -115,3 +115,44 @@ def test_cached_code_is_kept_per_cpu_kind(tmp_path: Path) -> None:
     assert run(mine, "run") == [want, "0"]  # a miss: the other kind's entry was not used
     assert run(mine, "run") == [want, "1"]  # its own entry now, from the cache
     assert len(list((tmp_path / "cache").rglob("*.nbc"))) == 2
+
+
+DECODE_SUM_SCRIPT = """
+import numpy as np
+from edgebit import quants
+import edgebit.backends.numba_kernels as nk
+
+rng = np.random.default_rng(5)
+exact = True
+for k, extreme in ((128, False), (2560, False), (6912, False), (6912, True)):
+    codes = rng.integers(-1, 2, size=(37, k), dtype=np.int8)
+    x = rng.integers(-128, 128, size=(1, k), dtype=np.int8)
+    if extreme:
+        codes[:] = 1
+        x[:] = -128
+    rows = np.frombuffer(quants.i2s_encode(codes, 1.0), np.uint8)[: codes.size // 4].reshape(37, -1)
+    none = rows[:0]
+    out, unused = np.empty((1, 37), np.float32), np.empty((1, 0), np.float32)
+    nk.i2s_gemv(none, rows, none, x, np.ones(1, np.float32), np.ones((3, 2), np.float32), unused, out, unused)
+    exact &= bool(np.array_equal(out[0], (codes.astype(np.int64) @ x[0].astype(np.int64)).astype(np.float32)))
+print(nk.SPLIT_DOT_SUMS, exact)
+"""
+
+
+@pytest.mark.skipif(AARCH64, reason="about x86's VNNI")
+def test_decode_kernel_sum_follows_vnni_and_both_forms_are_exact() -> None:
+    """The decode kernel keeps four sums where the CPU fuses int16 multiply-adds (VNNI) and one
+    elsewhere: each form is exact, the four-sum form only where this CPU can run it."""
+    import llvmlite.binding as llvm
+
+    host = llvm.get_host_cpu_features()
+    env = {k: v for k, v in os.environ.items() if k not in ("NUMBA_CPU_NAME", "NUMBA_CPU_FEATURES")}
+    without = dict(host, avx512vnni=False, avxvnni=False)
+    without_vnni = ",".join(("+" if on else "-") + name for name, on in without.items())
+    runs = [(dict(env, NUMBA_CPU_FEATURES=without_vnni), "False True")]
+    if host.get("avx512vnni") or host.get("avxvnni"):
+        runs.append((env, "True True"))
+    for run_env, want in runs:
+        got = subprocess.run([sys.executable, "-c", DECODE_SUM_SCRIPT], env=run_env, check=True,
+                             capture_output=True, text=True).stdout.strip()
+        assert got == want
