@@ -67,38 +67,27 @@ llvm.set_option("edgebit", "-vectorizer-maximize-bandwidth")
 # numba reads this when it first compiles in the process; cached code is keyed by these features.
 
 
-def _wide_vector_features() -> str | None:
-    """The host's LLVM features without the 256-bit preference, on a CPU with AVX-512BW; else None."""
+def _host_features() -> str:
+    """The host CPU's LLVM features ("+avx2,-avx512f,..."), or "" where LLVM cannot read them."""
     try:
-        features = llvm.get_host_cpu_features()
-    except RuntimeError:  # LLVM cannot read them on some hosts (numba then uses none either)
-        return None
-    return features.flatten() + ",-prefer-256-bit" if features.get("avx512bw") else None
+        return llvm.get_host_cpu_features().flatten()
+    except RuntimeError:  # some hosts (numba then uses none either)
+        return ""
 
 
-if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None:
-    numba.config.CPU_FEATURES = _wide_vector_features()
+_HOST_FEATURES = _host_features()
+if numba.config.CPU_FEATURES is None and numba.config.CPU_NAME is None \
+        and "+avx512bw" in _HOST_FEATURES.split(","):
+    numba.config.CPU_FEATURES = _HOST_FEATURES + ",-prefer-256-bit"
 WIDE_VECTORS = "-prefer-256-bit" in (numba.config.CPU_FEATURES or "")  # 512-bit vectors in use
-
-
-def _fused_int16_dot() -> bool:
-    """Whether numba compiles for a CPU that multiplies int16 pairs and adds them to int32 in one
-    instruction (AVX-512 VNNI or AVX-VNNI: vpdpwssd)."""
-    features = numba.config.CPU_FEATURES
-    if features is None:
-        try:
-            features = llvm.get_host_cpu_features().flatten()
-        except RuntimeError:
-            return False
-    return "+avx512vnni" in features or "+avxvnni" in features
-
-
-# With a fused multiply-add each vector of products waits for the one before it (vpdpwssd's
-# latency: LLVM kept two accumulators), so the decode kernel keeps four sums there, eight chains in
-# flight: Zen 5, the 2B4T's 30 layers from DRAM, 1 thread 31-34 → 22-28 ms, 2 threads 17-20 →
-# 14-16 ms. Without one (AVX2's pmaddwd + paddd) the single sum stays: four made LLVM unroll the
-# loop once instead of twice (AVX2 code on the same CPU: 3-8 % slower).
-SPLIT_DOT_SUMS = _fused_int16_dot()
+# What numba compiles for: NUMBA_CPU_FEATURES when set, else the host's (also under NUMBA_CPU_NAME).
+_TARGET_FEATURES = set((_HOST_FEATURES if numba.config.CPU_FEATURES is None else numba.config.CPU_FEATURES).split(","))
+# With a fused int16 multiply-add (AVX-512 VNNI or AVX-VNNI: vpdpwssd) each vector of products
+# waits for the one before it (its latency: LLVM kept two accumulators), so the decode kernel keeps
+# four sums there, eight chains in flight: Zen 5, the 2B4T's 30 layers from DRAM, 1 thread 31-34 →
+# 22-28 ms, 2 threads 17-20 → 14-16 ms. Without one (AVX2's pmaddwd + paddd) the single sum stays:
+# four made LLVM unroll the loop once instead of twice (AVX2 code on the same CPU: 3-8 % slower).
+SPLIT_DOT_SUMS = "+avx512vnni" in _TARGET_FEATURES or "+avxvnni" in _TARGET_FEATURES
 if not os.environ.get("NUMBA_CACHE_DIR"):
     # numba's default is __pycache__ beside this file, which may be read-only (site-packages).
     numba.config.CACHE_DIR = str(cache_dir() / "numba")
